@@ -1,0 +1,15 @@
+"""dgemma_hf: fast DiffusionGemma inside the Hugging Face stack.
+
+`import dgemma_hf` makes `AutoModel.from_pretrained(...)` (and `AutoModelForImageTextToText`) return
+`DiffusionGemmaForMaskedGeneration` for DiffusionGemma checkpoints.
+"""
+
+from .checkpoint import CheckpointError
+from .modeling import DiffusionGemmaForMaskedGeneration
+from .registration import register
+
+__version__ = "0.1.0"
+
+register()
+
+__all__ = ["CheckpointError", "DiffusionGemmaForMaskedGeneration", "__version__"]

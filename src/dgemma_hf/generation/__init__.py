@@ -1,0 +1,1 @@
+"""Generation: argument checks now; the CUDA-graph denoising engine lands here next."""

@@ -1,0 +1,11 @@
+"""Everything `import dgemma_hf` registers with transformers, in one place, once."""
+
+from transformers import AutoModel, AutoModelForImageTextToText, DiffusionGemmaConfig
+
+from .modeling import DiffusionGemmaForMaskedGeneration
+
+
+def register() -> None:
+    # exist_ok: the config class is transformers' own, already mapped to upstream's classes.
+    for auto_class in (AutoModel, AutoModelForImageTextToText):
+        auto_class.register(DiffusionGemmaConfig, DiffusionGemmaForMaskedGeneration, exist_ok=True)
