@@ -1,0 +1,270 @@
+"""NVFP4 weight format: pack, unpack, quantize and dequantize, byte-exact with ModelOpt checkpoints.
+
+Layout of one weight [N, K] (or stacked experts [E, N, K]):
+
+* ``packed``  uint8 [..., N, K/2]: 4-bit E2M1 codes, two per byte along K, the even element in the low nibble.
+  Codes 0..7 are the magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6}; bit 3 is the sign (code 8 is -0).
+* ``scale``   float8_e4m3fn [..., N, K/16]: one scale per 16 consecutive K elements, row-major, not swizzled.
+* ``weight_scale_2``  float32, one per tensor (0-d) or one per expert ([E]).
+
+``W = E2M1[code] * (float(scale) * weight_scale_2)`` (ModelOpt convention). compressed-tensors stores the
+reciprocal of ``weight_scale_2`` as ``weight_global_scale``; convert with the two ``global_scale_*`` helpers.
+
+Depends on torch only.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "BLOCK_SIZE",
+    "E2M1_VALUES",
+    "E2M1_MAX",
+    "E4M3_MAX",
+    "NVFP4Weight",
+    "quantize_nvfp4",
+    "dequantize_nvfp4",
+    "pack_e2m1",
+    "unpack_e2m1",
+    "global_scale_from_compressed_tensors",
+    "global_scale_to_compressed_tensors",
+]
+
+BLOCK_SIZE = 16
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+
+# Index = 4-bit code. Code 8 is -0 (equal to 0 in every comparison and product that matters).
+E2M1_VALUES = torch.tensor(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    dtype=torch.float32,
+)
+
+# Midpoints between consecutive E2M1 magnitudes. A magnitude exactly on a midpoint is a tie; ModelOpt resolves
+# ties to the even code (even mantissa bit), i.e. IEEE round-half-to-even: 0.25->0, 0.75->1, 1.25->1,
+# 1.75->2, 2.5->2, 3.5->4, 5->4. `bucketize(right=False)` sends every tie down; the ties whose even neighbour
+# is the upper one are bumped up by one.
+_E2M1_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float32)
+_TIES_ROUNDING_UP = (0.75, 1.75, 3.5)
+
+# A block scale below this rounds to 448 in E4M3 under round-to-nearest; at or above it, the cast saturates
+# or gives NaN depending on the torch version, so a weight_scale_2 that small is rejected.
+_E4M3_OVERFLOW = 464.0
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class NVFP4Weight(NamedTuple):
+    """One NVFP4 tensor in ModelOpt layout (see the module docstring)."""
+
+    packed: torch.Tensor  # uint8 [..., N, K/2]
+    scale: torch.Tensor  # float8_e4m3fn [..., N, K/16]
+    weight_scale_2: torch.Tensor  # float32, 0-d (2D weight) or [E] (3D weight)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input checks (all run before any work)
+
+
+def _require_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _require_dtype(name: str, value: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    if value.dtype not in dtypes:
+        expected = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {expected}, got {value.dtype}")
+
+
+def _check_global_scale(name: str, value, n_experts: int | None, device: torch.device | None) -> torch.Tensor:
+    """Validate a per-tensor (n_experts None) or per-expert global scale; return it as fp32 on `device`."""
+    _require_tensor(name, value)
+    _require_dtype(name, value, (torch.float32,))
+    if n_experts is None:
+        # ModelOpt stores a 0-d tensor, compressed-tensors a [1] tensor: accept both.
+        if value.numel() != 1 or value.ndim > 1:
+            raise ValueError(
+                f"{name} must be a scalar (0-d or [1]) tensor for a 2D weight, got shape {tuple(value.shape)}"
+            )
+    elif tuple(value.shape) != (n_experts,):
+        raise ValueError(
+            f"{name} must have shape [{n_experts}] (one per expert) for a 3D weight, got {tuple(value.shape)}"
+        )
+    if not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
+        raise ValueError(f"{name} must be finite and > 0, got {value.tolist()}")
+    return value if device is None else value.to(device)
+
+
+def _check_weight(weight) -> None:
+    _require_tensor("weight", weight)
+    _require_dtype("weight", weight, _FLOAT_DTYPES)
+    if weight.ndim not in (2, 3):
+        raise ValueError(f"weight must be 2D [N, K] or 3D [E, N, K], got shape {tuple(weight.shape)}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    if weight.shape[-1] % BLOCK_SIZE != 0:
+        raise ValueError(f"weight's last dimension K must be a multiple of {BLOCK_SIZE}, got K={weight.shape[-1]}")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight must be finite (found NaN or inf)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Nibble packing
+
+
+def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes uint8 [..., K] (K even, 0..15) into bytes [..., K/2], even element in the low nibble."""
+    _require_tensor("codes", codes)
+    _require_dtype("codes", codes, (torch.uint8,))
+    if codes.ndim < 1 or codes.shape[-1] % 2 != 0:
+        raise ValueError(f"codes must have an even last dimension, got shape {tuple(codes.shape)}")
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError(f"codes must hold 4-bit values 0..15, found {int(codes.max())}")
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """Unpack bytes uint8 [..., K/2] into 4-bit codes uint8 [..., K] (low nibble first)."""
+    _require_tensor("packed", packed)
+    _require_dtype("packed", packed, (torch.uint8,))
+    if packed.ndim < 1:
+        raise ValueError("packed must have at least one dimension, got a 0-d tensor")
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+
+
+def _round_to_e2m1_codes(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values -> nearest E2M1 codes (ties to even, |x| > 6 clamps to 6), uint8."""
+    magnitude = x.abs()
+    codes = torch.bucketize(magnitude, _E2M1_MIDPOINTS.to(x.device))
+    tie_up = torch.zeros_like(magnitude, dtype=torch.bool)
+    for t in _TIES_ROUNDING_UP:
+        tie_up |= magnitude == t
+    codes = codes + tie_up
+    # Sign from `x < 0`, as ModelOpt does: -0.0 gets code 0, a small negative that rounds to 0 gets code 8.
+    codes = codes + (x < 0) * 8
+    return codes.to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantize / dequantize
+
+
+def quantize_nvfp4(weight: torch.Tensor, weight_scale_2: torch.Tensor | None = None) -> NVFP4Weight:
+    """Quantize a float weight [N, K] (or stacked experts [E, N, K]) to NVFP4, K a multiple of 16.
+
+    `weight_scale_2` (fp32; 0-d for 2D, [E] for 3D) defaults to amax / (6 * 448) per tensor / per expert.
+    Follows ModelOpt's NVFP4QTensor.quantize step for step, so the bytes match its export.
+    """
+    _check_weight(weight)
+    n_experts = weight.shape[0] if weight.ndim == 3 else None
+    w = weight.float()  # fp16/bf16 -> fp32 is exact; ModelOpt's arithmetic is fp32 too
+    reduce_dims = (-2, -1)
+    amax = w.abs().amax(dim=reduce_dims)  # 0-d or [E]
+    if weight_scale_2 is None:
+        ws2 = amax / (E2M1_MAX * E4M3_MAX)
+        # An all-zero tensor would give 0 here and 0/0 block scales downstream (ModelOpt writes NaN scales).
+        # Any positive value decodes to exact zeros; 1.0 marks it as a placeholder.
+        ws2 = torch.where(ws2 > 0, ws2, torch.ones_like(ws2))
+    else:
+        ws2 = _check_global_scale("weight_scale_2", weight_scale_2, n_experts, weight.device)
+        ws2 = ws2.reshape(amax.shape)
+        top_block_scale = amax / (E2M1_MAX * ws2)
+        if bool((top_block_scale >= _E4M3_OVERFLOW).any()):
+            raise ValueError(
+                "weight_scale_2 is too small for this weight: amax / (6 * weight_scale_2) = "
+                f"{top_block_scale.max().item():.6g} overflows the E4M3 block scale (max {E4M3_MAX:g}); "
+                "use at least amax / (6 * 448)"
+            )
+
+    ws2_b = ws2.reshape(*ws2.shape, 1, 1)  # broadcasts over [.., N, K/16]
+    blocks = w.unflatten(-1, (-1, BLOCK_SIZE))  # [..., N, K/16, 16]
+    block_amax = blocks.abs().amax(dim=-1)
+    ideal_scale = block_amax / (E2M1_MAX * ws2_b)
+    # A zero block would divide 0 by 0 below; ModelOpt stores scale 1.0 for it, so its codes are all 0.
+    ideal_scale = torch.where(ideal_scale == 0, torch.ones_like(ideal_scale), ideal_scale)
+    scale = ideal_scale.to(torch.float8_e4m3fn)
+
+    denom = (scale.float() * ws2_b).unsqueeze(-1)
+    scaled = blocks / denom
+    codes = _round_to_e2m1_codes(scaled)
+    # A non-zero block far below the tensor's amax (block_amax / amax < ~2e-6) gets an E4M3 scale that
+    # underflows to 0: it decodes to zeros whatever its codes. Write code 0 rather than divide by zero.
+    # (ModelOpt divides by zero there and writes +-6 codes; the decoded values are the same zeros.)
+    codes = torch.where(denom == 0, torch.zeros_like(codes), codes)
+
+    packed = pack_e2m1(codes.flatten(-2))
+    return NVFP4Weight(packed=packed, scale=scale, weight_scale_2=ws2.to(torch.float32))
+
+
+def dequantize_nvfp4(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    weight_scale_2: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Decode NVFP4 (packed uint8 [..., N, K/2], scale E4M3 [..., N, K/16], fp32 global scale) to [..., N, K]."""
+    _require_tensor("packed", packed)
+    _require_dtype("packed", packed, (torch.uint8,))
+    _require_tensor("scale", scale)
+    _require_dtype("scale", scale, (torch.float8_e4m3fn,))
+    if not isinstance(dtype, torch.dtype) or dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    if packed.ndim not in (2, 3) or packed.numel() == 0:
+        raise ValueError(
+            f"packed must be a non-empty 2D [N, K/2] or 3D [E, N, K/2] tensor, got shape {tuple(packed.shape)}"
+        )
+    expected_scale_shape = (*packed.shape[:-1], packed.shape[-1] * 2 // BLOCK_SIZE)
+    if packed.shape[-1] % (BLOCK_SIZE // 2) != 0 or tuple(scale.shape) != expected_scale_shape:
+        raise ValueError(
+            f"scale shape {tuple(scale.shape)} does not agree with packed shape {tuple(packed.shape)}: "
+            f"expected packed [..., N, K/2] with K a multiple of {BLOCK_SIZE} and scale [..., N, K/{BLOCK_SIZE}]"
+        )
+    if scale.device != packed.device:
+        raise ValueError(f"scale is on {scale.device} but packed is on {packed.device}")
+    scale_f = scale.float()
+    if not bool(torch.isfinite(scale_f).all()) or bool((scale_f < 0).any()):
+        raise ValueError("scale must hold finite, non-negative E4M3 values (found NaN or a negative scale)")
+    n_experts = packed.shape[0] if packed.ndim == 3 else None
+    ws2 = _check_global_scale("weight_scale_2", weight_scale_2, n_experts, packed.device)
+
+    # Same order of fp32 operations as ModelOpt: (scale * weight_scale_2) first, then times the E2M1 value.
+    block_scale = scale_f * ws2.reshape(*([-1] if n_experts else []), 1, 1)
+    values = E2M1_VALUES.to(packed.device)[unpack_e2m1(packed).long()]
+    out = values.unflatten(-1, (-1, BLOCK_SIZE)) * block_scale.unsqueeze(-1)
+    return out.flatten(-2).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Global-scale conventions
+
+
+def global_scale_from_compressed_tensors(weight_global_scale: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors `weight_global_scale` -> ModelOpt `weight_scale_2` (the fp32 reciprocal, same shape)."""
+    _check_global_scale_any_shape("weight_global_scale", weight_global_scale)
+    return _finite_reciprocal("weight_global_scale", weight_global_scale)
+
+
+def global_scale_to_compressed_tensors(weight_scale_2: torch.Tensor) -> torch.Tensor:
+    """ModelOpt `weight_scale_2` -> compressed-tensors `weight_global_scale` (the fp32 reciprocal, same shape)."""
+    _check_global_scale_any_shape("weight_scale_2", weight_scale_2)
+    return _finite_reciprocal("weight_scale_2", weight_scale_2)
+
+
+def _check_global_scale_any_shape(name: str, value) -> None:
+    # Scalar (0-d / [1]) or per-expert [E]; the shape against a weight is checked where the weight is known.
+    _require_tensor(name, value)
+    if value.ndim > 1 or value.numel() == 0:
+        raise ValueError(f"{name} must be a scalar or a 1D per-expert tensor, got shape {tuple(value.shape)}")
+    _check_global_scale(name, value, None if value.ndim == 0 else value.shape[0], None)
+
+
+def _finite_reciprocal(name: str, value: torch.Tensor) -> torch.Tensor:
+    result = torch.reciprocal(value)
+    # 1/x overflows fp32 for x below ~2.9e-39 (subnormal); such a scale is unusable in either convention.
+    if not bool(torch.isfinite(result).all()):
+        raise ValueError(f"{name} is so small that its reciprocal overflows float32: {value.tolist()}")
+    return result
