@@ -1,5 +1,12 @@
-import pytest
+import os
+
 import torch
+
+# Triton kernels run on the CPU through Triton's interpreter; it must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 from transformers import DiffusionGemmaForBlockDiffusion
 
 from dgemma_hf import DiffusionGemmaForMaskedGeneration

@@ -2,6 +2,7 @@
 
 Same config class, weights, forward and generate semantics as upstream (transformers 5.23); this subclass is
 the one place where dgemma_hf's faster engine, experts and attention backends plug in. Today it adds:
+- the "dgemma" experts backend by default (Triton MoE kernels on CUDA, upstream's grouped_mm elsewhere);
 - checkpoint checks before loading (model type, shards, safetensors headers, quantization method);
 - argument checks before generating (empty prompt, context length, ranges of the generation settings).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from transformers import DiffusionGemmaForBlockDiffusion
 
 from .checkpoint import check_checkpoint, check_quantization_config
+from .experts import AUTO as AUTO_EXPERTS
 from .generation.checks import (
     check_canvas,
     check_context,
@@ -26,6 +28,16 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
     # transformers decides whether experts backends can be swapped by grepping the class's module for its
     # decorator; the experts modules are upstream's, so swapping is supported.
     _can_set_experts_implementation_cached_value = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        # transformers resolves the default backend on the top config only; the experts read the text config.
+        self.set_experts_implementation(self.config._experts_implementation)
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # Unless the caller names one, experts run on dgemma_hf's dispatcher: Triton kernels on CUDA,
+        # upstream's grouped_mm elsewhere.
+        return super().get_correct_experts_implementation(requested_experts or AUTO_EXPERTS)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

@@ -2,10 +2,12 @@
 
 from transformers import AutoModel, AutoModelForImageTextToText, DiffusionGemmaConfig
 
+from .experts import register_experts
 from .modeling import DiffusionGemmaForMaskedGeneration
 
 
 def register() -> None:
+    register_experts()
     # exist_ok: the config class is transformers' own, already mapped to upstream's classes.
     for auto_class in (AutoModel, AutoModelForImageTextToText):
         auto_class.register(DiffusionGemmaConfig, DiffusionGemmaForMaskedGeneration, exist_ok=True)

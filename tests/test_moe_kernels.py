@@ -1,0 +1,179 @@
+"""Triton MoE kernels (routing, grouped GEMMs, combine) against a float32 torch reference.
+
+On the CPU the kernels run under TRITON_INTERPRET=1 with fp16 activations (the interpreter gets bf16 wrong);
+on a GPU the same tests run in bf16 too.
+"""
+
+import math
+
+import pytest
+import torch
+
+from dgemma_hf.kernels.moe import NVFP4Experts, moe_experts, moe_experts_nvfp4, route, to_kernel_layout
+from dgemma_hf.kernels.nvfp4 import dequantize_nvfp4, quantize_nvfp4
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def reference_moe(x, top_k_index, top_k_weights, gate_up, down):
+    """fp32 math, one (token, expert) pair at a time."""
+    x, gate_up, down = x.double(), gate_up.double(), down.double()
+    intermediate = gate_up.shape[1] // 2
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, k])
+            gate = gate_up[e, :intermediate] @ x[t]
+            up = gate_up[e, intermediate:] @ x[t]
+            act = torch.nn.functional.gelu(gate, approximate="tanh") * up
+            out[t] += float(top_k_weights[t, k]) * (down[e] @ act)
+    return out
+
+
+def _rel_err(got, want):
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def _routing(tokens, top_k, experts, case, generator):
+    if case == "random":
+        scores = torch.rand(tokens, experts, generator=generator)
+        index = scores.topk(top_k, dim=-1).indices
+    elif case == "one_expert_hot":  # every token picks expert 0 first: one expert holds all tokens
+        rest = torch.rand(tokens, experts - 1, generator=generator).topk(top_k - 1, dim=-1).indices + 1
+        index = torch.cat([torch.zeros(tokens, 1, dtype=torch.long), rest], dim=1)
+    elif case == "few_experts":  # only experts 1 and 2 used; the others get zero tokens
+        index = torch.tensor([[1, 2]] * tokens)[:, :top_k]
+    else:
+        raise ValueError(case)
+    weights = torch.rand(tokens, top_k, generator=generator) + 0.1
+    return index, weights / weights.sum(-1, keepdim=True)
+
+
+def _weights(experts, hidden, intermediate, generator, dtype):
+    gate_up = torch.randn(experts, 2 * intermediate, hidden, generator=generator) / math.sqrt(hidden)
+    down = torch.randn(experts, hidden, intermediate, generator=generator) / math.sqrt(intermediate)
+    return gate_up.to(dtype), down.to(dtype)
+
+
+CASES = [
+    # tokens, top_k, experts, hidden, intermediate, routing
+    (1, 2, 4, 64, 32, "random"),  # one token
+    (37, 2, 8, 64, 96, "random"),  # not a multiple of any tile; I not a multiple of BLOCK_N
+    (24, 2, 4, 96, 32, "one_expert_hot"),  # all tokens on one expert
+    (9, 2, 6, 64, 32, "few_experts"),  # experts with zero tokens
+    (160, 3, 8, 64, 32, "random"),  # more pairs per expert: larger tiles
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, top_k, experts, hidden, intermediate, case", CASES)
+def test_bf16_experts_match_reference(tokens, top_k, experts, hidden, intermediate, case, dtype):
+    generator = torch.Generator().manual_seed(tokens * 1000 + experts)
+    index, weights = _routing(tokens, top_k, experts, case, generator)
+    x = torch.randn(tokens, hidden, generator=generator).to(dtype)
+    gate_up, down = _weights(experts, hidden, intermediate, generator, dtype)
+    want = reference_moe(x, index, weights, gate_up, down)
+    out = torch.full((tokens, hidden), float("nan"), dtype=dtype, device=DEVICE)  # poison
+    got = moe_experts(x.to(DEVICE), index.to(DEVICE), weights.to(DEVICE), gate_up.to(DEVICE), down.to(DEVICE), out=out)
+    assert got is out and torch.isfinite(got).all()
+    assert _rel_err(got.cpu(), want) < 1e-2
+
+
+def _nvfp4_experts(experts, hidden, intermediate, generator):
+    gate_up, down = _weights(experts, hidden, intermediate, generator, torch.float32)
+    gate = quantize_nvfp4(gate_up[:, :intermediate])
+    up = quantize_nvfp4(gate_up[:, intermediate:] * 3)  # a different global scale from gate's
+    down_q = quantize_nvfp4(down)
+    packed = NVFP4Experts(
+        gate_up_packed=to_kernel_layout(torch.cat([gate.packed, up.packed], dim=1)),
+        gate_up_scale=torch.cat([gate.scale, up.scale], dim=1).view(torch.uint8),
+        gate_scale2=gate.weight_scale_2,
+        up_scale2=up.weight_scale_2,
+        down_packed=to_kernel_layout(down_q.packed),
+        down_scale=down_q.scale.view(torch.uint8),
+        down_scale2=down_q.weight_scale_2,
+    )
+    dequantized_gate_up = torch.cat([dequantize_nvfp4(*gate), dequantize_nvfp4(*up)], dim=1)
+    return packed, dequantized_gate_up, dequantize_nvfp4(*down_q)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, top_k, experts, hidden, intermediate, case", CASES)
+def test_nvfp4_experts_match_dequantized_reference(tokens, top_k, experts, hidden, intermediate, case, dtype):
+    generator = torch.Generator().manual_seed(tokens * 7 + experts)
+    index, weights = _routing(tokens, top_k, experts, case, generator)
+    x = torch.randn(tokens, hidden, generator=generator).to(dtype)
+    packed, gate_up, down = _nvfp4_experts(experts, hidden, intermediate, generator)
+    want = reference_moe(x, index, weights, gate_up, down)
+    packed = NVFP4Experts(*(t.to(DEVICE) for t in packed))
+    out = torch.full((tokens, hidden), float("nan"), dtype=dtype, device=DEVICE)
+    got = moe_experts_nvfp4(x.to(DEVICE), index.to(DEVICE), weights.to(DEVICE), packed, out=out)
+    assert torch.isfinite(got).all()
+    assert _rel_err(got.cpu(), want) < 1e-2
+
+
+def test_route_sorts_stably_and_tiles_every_pair():
+    generator = torch.Generator().manual_seed(0)
+    index = torch.randint(0, 5, (23, 3), generator=generator)
+    index[:, 0] = 4  # expert 4 gets at least 23 pairs: several tiles of 8
+    routing = route(index, num_experts=5, block_m=8)
+    flat = index.flatten()
+    pairs = routing.sorted_pairs.long()
+    assert sorted(pairs.tolist()) == list(range(flat.numel()))
+    assert (flat[pairs].diff() >= 0).all()  # grouped by expert
+    offsets = routing.expert_offsets.tolist()
+    for e in range(5):
+        block = pairs[offsets[e] : offsets[e + 1]]
+        assert (flat[block] == e).all() and (block.diff() > 0).all()  # stable: pair order kept
+    covered = []
+    for expert, start in zip(routing.tile_expert.tolist(), routing.tile_start.tolist()):
+        if expert >= 0:
+            covered += [r for r in range(start, start + 8) if r < offsets[expert + 1]]
+    assert sorted(covered) == list(range(flat.numel()))  # each sorted row in exactly one tile
+
+
+def test_results_are_bitwise_deterministic():
+    generator = torch.Generator().manual_seed(3)
+    index, weights = _routing(40, 2, 4, "random", generator)
+    x = torch.randn(40, 64, generator=generator).half().to(DEVICE)
+    gate_up, down = (w.to(DEVICE) for w in _weights(4, 64, 32, generator, torch.float16))
+    args = (x, index.to(DEVICE), weights.to(DEVICE), gate_up, down)
+    assert torch.equal(moe_experts(*args), moe_experts(*args))
+
+
+def test_wrapper_checks_name_the_tensor():
+    x = torch.randn(4, 64).half()
+    index = torch.zeros(4, 2, dtype=torch.long)
+    weights = torch.full((4, 2), 0.5)
+    gate_up = torch.randn(3, 64, 64).half()
+    down = torch.randn(3, 64, 32).half()
+    with pytest.raises(TypeError, match="hidden_states must be a bfloat16 or float16"):
+        moe_experts(x.float(), index, weights, gate_up, down)
+    with pytest.raises(ValueError, match=r"down_proj must have shape \(3, 64, 32\)"):
+        moe_experts(x, index, weights, gate_up, down[:, :, :16].contiguous())
+    with pytest.raises(TypeError, match="gate_up_proj must have dtype torch.float16"):
+        moe_experts(x, index, weights, gate_up.float(), down)
+    with pytest.raises(TypeError, match="top_k_weights must have dtype torch.float32"):
+        moe_experts(x, index, weights.half(), gate_up, down)
+    with pytest.raises(ValueError, match=r"top_k_index must have shape \[4, top_k\]"):
+        moe_experts(x, index[:3], weights, gate_up, down)
+    packed, _, _ = _nvfp4_experts(3, 64, 32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="down_scale must have shape"):
+        moe_experts_nvfp4(x, index, weights, packed._replace(down_scale=packed.down_scale[:, :, :1].contiguous()))
+    with pytest.raises(TypeError, match="up_scale2 must have dtype torch.float32"):
+        moe_experts_nvfp4(x, index, weights, packed._replace(up_scale2=packed.up_scale2.double()))
+
+
+def test_kernel_layout_puts_sixteen_consecutive_elements_in_each_nibble_half():
+    codes = torch.arange(64, dtype=torch.uint8) % 16  # one row, K = 64: element k has code k % 16
+    modelopt = codes[0::2] | (codes[1::2] << 4)  # even element in the low nibble
+    kernel = to_kernel_layout(modelopt[None])[0]
+    # Block 0: byte j = element j (low) | element j + 16 (high); elements j and j + 16 share code j % 16.
+    assert kernel[:16].tolist() == [(j % 16) | ((j + 16) % 16) << 4 for j in range(16)]
+    codes = torch.randint(0, 16, (3, 96), dtype=torch.uint8)
+    kernel = to_kernel_layout(codes[:, 0::2] | (codes[:, 1::2] << 4))
+    unpacked = torch.stack((kernel & 15, kernel >> 4), -1).flatten(-2).unflatten(-1, (-1, 16, 2))
+    assert torch.equal(unpacked.transpose(-1, -2).flatten(-3), codes)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        to_kernel_layout(torch.zeros(2, 8, dtype=torch.uint8))
