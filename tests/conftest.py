@@ -1,6 +1,14 @@
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# eval/ is run from the repository root (`python -m eval.quality`), not installed. Appended, not prepended:
+# the root's other folders (kernels/) must not shadow installed distributions.
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
 
 # Triton kernels run on the CPU through Triton's interpreter; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
