@@ -9,7 +9,9 @@ the one place where dgemma_hf's faster engine, experts and attention backends pl
 
 from __future__ import annotations
 
+import torch
 from transformers import DiffusionGemmaForBlockDiffusion
+from transformers.models.diffusion_gemma import DiffusionGemmaGenerationOutput
 
 from .checkpoint import check_checkpoint, check_quantization_config
 from .experts import AUTO as AUTO_EXPERTS
@@ -20,6 +22,7 @@ from .generation.checks import (
     check_prompt,
     resolve_generation_fields,
 )
+from .generation.engine import DenoisingEngine, Settings, resolve_sampling
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
@@ -48,6 +51,7 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
                 check_quantization_config(kwargs["quantization_config"], "quantization_config argument")
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
+    @torch.no_grad()
     def generate(
         self,
         input_ids=None,
@@ -56,8 +60,17 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
         generation_config=None,
         logits_processor=None,
         stopping_criteria=None,
+        sampling: str = "auto",
+        seed: int | None = None,
         **kwargs,
     ):
+        """Upstream's generate (same arguments, outputs and semantics) on dgemma_hf's engine.
+
+        sampling: "reference" (upstream's randomness, exactly), "fused" (Triton sampler, static cache, CUDA
+            graphs on CUDA) or "auto" (fused on CUDA, reference elsewhere).
+        seed: the fused sampler's seed; by default drawn from torch's global generator (so
+            `torch.manual_seed` makes runs repeatable in both modes).
+        """
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         check_prompt(input_ids, kwargs.get("attention_mask"), past_length)
         fields = resolve_generation_fields(self.generation_config, generation_config, kwargs)
@@ -79,12 +92,52 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
             self.config.canvas_length,
             self.config.text_config.vocab_size,
         )
-        return super().generate(
-            input_ids=input_ids,
-            past_key_values=past_key_values,
-            streamer=streamer,
-            generation_config=generation_config,
-            logits_processor=logits_processor,
-            stopping_criteria=stopping_criteria,
-            **kwargs,
+        if logits_processor is not None or stopping_criteria is not None:
+            raise ValueError(
+                "`logits_processor` and `stopping_criteria` are not supported by dgemma_hf's engine; "
+                "use its schedulers and generation settings"
+            )
+        sampling = resolve_sampling(sampling, input_ids.device)
+        generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        if past_key_values is not None and generation_config.cache_implementation is not None:
+            raise ValueError("Cannot provide both `past_key_values` and `generation_config.cache_implementation`.")
+        if sampling == "fused" and generation_config.cache_implementation not in (None, "static"):
+            raise ValueError(
+                f"sampling='fused' runs on a static cache; cache_implementation="
+                f"{generation_config.cache_implementation!r} needs sampling='reference'"
+            )
+        _, max_new_tokens = self._prepare_generated_length(generation_config, prompt_length)
+        settings = Settings(
+            max_new_tokens=max_new_tokens,
+            steps=generation_config.max_denoising_steps,
+            t_min=generation_config.t_min,
+            t_max=generation_config.t_max,
+            entropy_bound=generation_config.sampler_config.entropy_bound,
+            stability_threshold=generation_config.stability_threshold,
+            confidence_threshold=generation_config.confidence_threshold,
+            eos_token_id=_as_tuple(generation_config.eos_token_id),
+            pad_token_id=generation_config.pad_token_id,
         )
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item()) if sampling == "fused" else 0
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ValueError("`attention_mask` passed to `generate` must be 2D.")
+        decoder_input_ids = model_kwargs.pop("decoder_input_ids", None)
+        sc_logits = model_kwargs.pop("self_conditioning_logits", None)
+        engine = DenoisingEngine.for_call(self, settings, input_ids.shape[0], prompt_length, sampling, seed)
+        sequences, tokens_per_forward, cache = engine.run(
+            generation_config, input_ids, attention_mask, past_key_values, decoder_input_ids, sc_logits, streamer,
+            prompt_kwargs=model_kwargs,
+        )
+        if not generation_config.return_dict_in_generate:
+            return sequences
+        return DiffusionGemmaGenerationOutput(
+            sequences=sequences, tokens_per_forward=tokens_per_forward, past_key_values=cache
+        )
+
+
+def _as_tuple(token_ids):
+    if token_ids is None:
+        return None
+    return tuple(token_ids) if isinstance(token_ids, (list, tuple)) else (token_ids,)

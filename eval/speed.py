@@ -1,0 +1,173 @@
+"""Generation speed benchmark: dgemma_hf's engine against upstream generate(), in one process.
+
+    python -m eval.speed [--batch 1,4,8] [--prompt 512] [--new-tokens 512] [--steps 16] [--layers 30]
+                         [--baseline-batch 1] [--out results/speed.json]
+
+DESIGN.md's speed protocol: DiffusionGemma 26B-A4B shapes with random weights built on the GPU (no download;
+`--layers` and the other size options shrink it), adaptive stopping off and a fixed number of denoising steps
+per canvas, no eos. Upstream's `generate()` (experts on grouped_mm, its default) runs on the same weights in
+the same process as the baseline. Reports tok/s, ms per denoising step, first-call seconds (capture
+included), peak GPU memory, and the floor: the text weights one decoder step must read / device copy
+bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# DiffusionGemma 26B-A4B's text config (REFERENCE.md section 1).
+TEXT_CONFIG = dict(
+    vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2, attention_k_eq_v=True,
+    sliding_window=1024, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+    max_position_embeddings=262144, final_logit_softcapping=30.0,
+)
+# The vision tower does not take part in text generation; a small one keeps memory for the text model.
+SMALL_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=2, head_dim=32, position_embedding_size=64)
+
+
+def build_model(layers: int, dtype: torch.dtype, device: str = "cuda"):
+    """Random-weight model built directly on the GPU: parameters start on the meta device, are tied there,
+    then each unique parameter gets GPU memory once (the encoder and decoder share their text weights)."""
+    from accelerate import init_empty_weights
+    from transformers import DiffusionGemmaConfig
+
+    from dgemma_hf import DiffusionGemmaForMaskedGeneration
+
+    layer_types = [("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(layers)]
+    layer_types[-1] = "full_attention"
+    text = {**TEXT_CONFIG, "num_hidden_layers": layers, "layer_types": layer_types}
+    config = DiffusionGemmaConfig(text_config=text, vision_config=SMALL_VISION, canvas_length=256)
+    with init_empty_weights():
+        model = DiffusionGemmaForMaskedGeneration(config)
+    model.tie_weights()
+    generator = torch.Generator(device=device).manual_seed(0)
+    real = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in real:
+                data = torch.empty(param.shape, dtype=dtype, device=device)
+                if param.ndim == 1:
+                    data.fill_(1.0)  # norm weights and scales
+                else:
+                    data.normal_(0.0, 0.02, generator=generator)
+                real[id(param)] = torch.nn.Parameter(data, requires_grad=False)
+            module._parameters[name] = real[id(param)]
+    model.to(device)  # buffers (rotary tables, scalars) were built on the CPU
+    return model.eval()
+
+
+def text_weight_bytes(model) -> int:
+    """Bytes of the unique text parameters, the ones a decoder step reads (the vision tower excluded)."""
+    seen, total = set(), 0
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if "vision" in name or id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel() * param.element_size()
+    return total
+
+
+def copy_bandwidth_gbps() -> float:
+    import triton.testing
+
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() / ms / 1e6
+
+
+def timed(fn) -> tuple[float, object]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def run_case(model, batch: int, args, upstream: bool) -> dict:
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    generator = torch.Generator(device="cuda").manual_seed(batch)
+    input_ids = torch.randint(3, model.config.text_config.vocab_size, (batch, args.prompt), device="cuda",
+                              generator=generator)
+    kwargs = dict(max_new_tokens=args.new_tokens, max_denoising_steps=args.steps, stability_threshold=None,
+                  confidence_threshold=None, eos_token_id=None)
+    if upstream:
+        model.set_experts_implementation("grouped_mm")
+        run = lambda: DiffusionGemmaForBlockDiffusion.generate(model, input_ids, **kwargs)  # noqa: E731
+    else:
+        model.set_experts_implementation("dgemma")
+        run = lambda: model.generate(input_ids, sampling="fused", seed=0, **kwargs)  # noqa: E731
+    torch.cuda.reset_peak_memory_stats()
+    first_s, out = timed(run)
+    times = [timed(run)[0] for _ in range(args.repeats)]
+    seconds = sorted(times)[len(times) // 2]
+    new_tokens = out.sequences.shape[1] - args.prompt
+    steps = -(-args.new_tokens // model.config.canvas_length) * args.steps
+    return {
+        "engine": "upstream_generate" if upstream else "dgemma_hf",
+        "batch": batch,
+        "tok_per_s": batch * new_tokens / seconds,
+        "seconds": seconds,
+        "ms_per_step": seconds / steps * 1e3,
+        "first_call_s": first_s,
+        "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", default="1,4,8", help="comma-separated batch sizes")
+    parser.add_argument("--baseline-batch", default="1", help="batch sizes that also run upstream generate()")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("results/speed.json"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("eval.speed needs a CUDA GPU")
+    batches = [int(b) for b in args.batch.split(",")]
+    baseline = [int(b) for b in args.baseline_batch.split(",") if b]
+    for name in ("prompt", "new_tokens", "steps", "layers", "repeats"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive")
+
+    bandwidth = copy_bandwidth_gbps()
+    start = time.perf_counter()
+    model = build_model(args.layers, torch.bfloat16)
+    build_s = time.perf_counter() - start
+    floor_ms = text_weight_bytes(model) / (bandwidth * 1e6)
+    report = {"card": torch.cuda.get_device_name(), "copy_GBps": bandwidth, "build_s": build_s,
+              "text_weight_GB": text_weight_bytes(model) / 1e9, "floor_ms_per_step": floor_ms,
+              "settings": vars(args) | {"out": str(args.out)}, "rows": []}
+    for batch in batches:
+        for upstream in ([True] if batch in baseline else []) + [False]:
+            row = run_case(model, batch, args, upstream)
+            row["floor_tok_per_s"] = batch * model.config.canvas_length / args.steps / (floor_ms / 1e3)
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"{report['card']}: copy {bandwidth:.0f} GB/s; text weights {report['text_weight_GB']:.1f} GB, "
+          f"floor {floor_ms:.1f} ms per decoder step")
+    print(f"{'engine':18s} {'batch':>5s} {'tok/s':>8s} {'ms/step':>8s} {'first s':>8s} {'peak GB':>8s} {'floor tok/s':>11s}")
+    for r in report["rows"]:
+        print(f"{r['engine']:18s} {r['batch']:5d} {r['tok_per_s']:8.0f} {r['ms_per_step']:8.1f} {r['first_call_s']:8.1f} "
+              f"{r['peak_gb']:8.1f} {r['floor_tok_per_s']:11.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

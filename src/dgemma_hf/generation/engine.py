@@ -1,0 +1,408 @@
+"""The denoising engine behind DiffusionGemmaForMaskedGeneration.generate().
+
+Same semantics as upstream's generate (transformers 5.23): canvases of `canvas_length` tokens, each committed to
+the KV cache by one encoder pass, each refined by up to `max_denoising_steps` decoder passes that sample tokens,
+accept the confident ones (entropy bound), renoise the rest and stop early when the canvas is stable and
+confident. Two sampling modes:
+
+- "reference": torch sampling that consumes the global RNG exactly as upstream does (multinomial, then
+  randint for the renoise), a dynamic cache, a host check after every step: identical sequences to upstream
+  for a given seed. The default off CUDA.
+- "fused": one Triton pass over the logits per step (`dgemma_hf.kernels.sampler`) with a counter-based
+  generator, a static cache, the self-conditioning state kept as the [batch, canvas, hidden] soft embedding,
+  all per-step state in preallocated device buffers, and on CUDA each step captured once as a CUDA graph and
+  replayed. With adaptive stopping the host reads the finished flags two steps behind, so the GPU queue never
+  drains inside a canvas; without it, nothing is read back until the canvas ends. The default on CUDA.
+
+The engine knows the order of calls; the arithmetic is upstream's modules, our kernels and the scheduler's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+from .acceptance import entropy_bound_accept, stable_and_confident
+
+SAMPLING_MODES = ("auto", "reference", "fused")
+_SOFT_CHUNK = 16384  # vocabulary columns per chunk when rebuilding softmax for the soft embedding
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved generation settings the engine uses."""
+
+    max_new_tokens: int
+    steps: int
+    t_min: float | None
+    t_max: float | None
+    entropy_bound: float
+    stability_threshold: int | None
+    confidence_threshold: float | None
+    eos_token_id: tuple[int, ...] | None
+    pad_token_id: int | None
+
+    @property
+    def adaptive_stopping(self) -> bool:
+        return self.stability_threshold is not None and self.confidence_threshold is not None
+
+    def inverse_temperatures(self, device) -> torch.Tensor:
+        """1 / temperature for each step, in step order; upstream's linear schedule over remaining steps."""
+        remaining = torch.arange(self.steps, 0, -1, dtype=torch.float64)
+        if self.t_min is None or self.t_max is None:
+            return torch.ones(self.steps, dtype=torch.float32, device=device)
+        temperature = self.t_min + (self.t_max - self.t_min) * (remaining / self.steps)
+        return (1.0 / temperature).to(device=device, dtype=torch.float32)
+
+
+def resolve_sampling(sampling: str, device: torch.device) -> str:
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"`sampling` must be one of {SAMPLING_MODES}, got {sampling!r}")
+    if sampling == "auto":
+        return "fused" if device.type == "cuda" else "reference"
+    return sampling
+
+
+class DenoisingEngine:
+    """Runs generate() calls. Its buffers, static cache and captured graph are reused by later calls with the
+    same shapes and settings (see `for_call`)."""
+
+    @classmethod
+    def for_call(cls, model, settings: Settings, batch_size: int, prompt_length: int, sampling: str, seed: int):
+        key = (settings, batch_size, prompt_length, sampling, model.dtype, model.device)
+        engine = getattr(model, "_dgemma_engine", None)
+        if engine is None or engine.key != key:
+            engine = cls(model, settings, batch_size, prompt_length, sampling, seed)
+            engine.key = key
+            if sampling == "fused":  # reference engines hold nothing worth keeping
+                model._dgemma_engine = engine
+        if sampling == "fused":
+            engine.seed.fill_(seed)
+        engine.seed_value = seed
+        return engine
+
+    def __init__(self, model, settings: Settings, batch_size: int, prompt_length: int, sampling: str, seed: int):
+        self.model = model
+        self.settings = settings
+        self.sampling = sampling
+        self.batch_size = batch_size
+        self.canvas_length = model.config.canvas_length
+        self.vocab_size = model.config.text_config.vocab_size
+        self.canvases = math.ceil(settings.max_new_tokens / self.canvas_length)
+        self.max_length = prompt_length + self.canvases * self.canvas_length
+        device = model.device
+        self.device = device
+        self.use_graphs = sampling == "fused" and device.type == "cuda"
+        shape = (batch_size, self.canvas_length)
+        self.inverse_temperatures = settings.inverse_temperatures(device)
+        # Per-step state, updated in place so a captured graph keeps reading and writing the same memory.
+        self.canvas = torch.zeros(shape, dtype=torch.long, device=device)
+        self.argmax = torch.zeros(shape, dtype=torch.long, device=device)
+        self.finished_denoising = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.finished_sequences = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.forward_passes = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.step_index = torch.zeros((), dtype=torch.long, device=device)
+        history = max(settings.stability_threshold or 0, 1)
+        self.history = torch.full((history, *shape), -1, dtype=torch.long, device=device)
+        if sampling == "fused":
+            hidden = model.config.text_config.hidden_size
+            self.soft = torch.zeros((*shape, hidden), dtype=model.dtype, device=device)
+            self.seed = torch.tensor([seed], dtype=torch.long, device=device)
+            self.counter = torch.zeros(1, dtype=torch.long, device=device)
+            self.position_ids = torch.zeros((1, self.canvas_length), dtype=torch.long, device=device)
+        else:
+            self.sc_logits = None
+        self.seed_value = seed
+        self.mask_mapping = None
+        self.cache = None
+
+    # -- cache ------------------------------------------------------------------------------------------
+
+    def make_cache(self, past_key_values):
+        text_config = self.model.config.get_text_config(decoder=True)
+        if past_key_values is not None:
+            if self.sampling == "fused" and not isinstance(past_key_values, StaticCache):
+                raise ValueError(
+                    "`past_key_values` must be a StaticCache with sampling='fused' (the captured step reads a "
+                    "fixed-size cache); pass sampling='reference' to continue a dynamic cache"
+                )
+            return past_key_values
+        if self.sampling == "reference":
+            return DynamicCache(config=text_config)
+        # One static cache per (batch, length, dtype, device) is kept on the model and reused across calls.
+        key = (self.batch_size, self.max_length, self.model.dtype, self.device)
+        cached_key, cached = getattr(self.model, "_dgemma_static_cache", (None, None))
+        if cached_key == key:
+            cached.reset()
+            return cached
+        cache = StaticCache(config=text_config, max_cache_len=self.max_length)
+        self.model._dgemma_static_cache = (key, cache)
+        return cache
+
+    # -- one denoising step -----------------------------------------------------------------------------
+
+    def _decoder_logits(self, decoder_position_ids) -> torch.Tensor:
+        kwargs = dict(
+            decoder_input_ids=self.canvas,
+            decoder_attention_mask=self.mask_mapping,
+            past_key_values=self.cache,
+            decoder_position_ids=decoder_position_ids,
+        )
+        if self.sampling == "reference":
+            kwargs["self_conditioning_logits"] = self.sc_logits
+        return self.model(**kwargs).logits
+
+    def _soft_embedding(self, logits: torch.Tensor, inv_temperature, log_norm) -> torch.Tensor:
+        """softmax(logits * inv_temperature) @ embedding * embed_scale, rebuilt chunk by chunk from the
+        sampler's log-normaliser, so no second [batch, canvas, vocab] tensor exists."""
+        embed = self.model.model.decoder.embed_tokens
+        rows = logits.view(-1, logits.shape[-1])
+        soft = torch.zeros(rows.shape[0], embed.weight.shape[1], dtype=torch.float32, device=rows.device)
+        for start in range(0, rows.shape[1], _SOFT_CHUNK):
+            probs = torch.exp(rows[:, start : start + _SOFT_CHUNK] * inv_temperature - log_norm[:, None])
+            soft.addmm_(probs.to(embed.weight.dtype), embed.weight[start : start + _SOFT_CHUNK])
+        soft = soft.to(embed.weight.dtype) * embed.embed_scale.to(embed.weight.dtype)
+        return soft.view(*logits.shape[:2], -1)
+
+    def _token_stats(self, logits, inv_temperature):
+        """Sampled, argmax and entropy per position, and the renoise tokens."""
+        batch, length, vocab = logits.shape
+        if self.sampling == "fused":
+            from ..kernels.sampler import sample_tokens
+
+            stats = sample_tokens(logits.view(-1, vocab), inv_temperature.view(1), self.seed, self.counter)
+            return stats, stats.sampled.view(batch, length), stats.noise.view(batch, length)
+        # Upstream's order of RNG use: multinomial over the processed logits, then randint for the renoise.
+        processed = logits * inv_temperature
+        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+        sampled = torch.multinomial(probs.view(-1, vocab), num_samples=1).view(batch, length)
+        entropy = torch.distributions.Categorical(logits=processed).entropy()
+        noise = torch.randint(0, self.vocab_size, (batch, length), device=logits.device)
+        return (processed, processed.argmax(dim=-1), entropy), sampled, noise
+
+    def step(self, decoder_position_ids) -> None:
+        """One denoising step: every write goes to the engine's buffers, in place."""
+        self.forward_passes += (~(self.finished_denoising | self.finished_sequences)).int()
+        # index_select, not [], so the step index stays on the device (indexing by a tensor would read it back).
+        inv_temperature = torch.index_select(self.inverse_temperatures, 0, self.step_index.view(1)).view(())
+        logits = self._decoder_logits(decoder_position_ids)
+        stats, sampled, noise = self._token_stats(logits, inv_temperature)
+        batch, length = sampled.shape
+        if self.sampling == "fused":
+            argmax, entropy = stats.argmax.view(batch, length), stats.entropy.view(batch, length)
+        else:
+            processed, argmax, entropy = stats
+        accepted = entropy_bound_accept(entropy, self.settings.entropy_bound)
+        new_canvas = torch.where(accepted, sampled, noise)
+        frozen = self.finished_denoising[:, None]
+        if self.settings.adaptive_stopping:
+            # Rows that already stopped keep their canvas, argmax and self-conditioning state.
+            argmax = torch.where(frozen, self.argmax, argmax)
+            new_canvas = torch.where(frozen, self.canvas, new_canvas)
+            stop = stable_and_confident(
+                argmax, entropy, self.history, self.settings.stability_threshold, self.settings.confidence_threshold
+            )
+            self.finished_denoising |= stop
+        self.canvas.copy_(new_canvas)
+        self.argmax.copy_(argmax)
+        if self.sampling == "fused":
+            soft = self._soft_embedding(logits, inv_temperature, stats.log_norm)
+            if self.settings.adaptive_stopping:
+                soft = torch.where(frozen[..., None], self.soft, soft)
+            self.soft.copy_(soft)
+            self.counter += 1
+        else:
+            embed_dtype = self.model.model.decoder.embed_tokens.weight.dtype
+            if self.settings.adaptive_stopping and self.sc_logits is not None:
+                processed = torch.where(frozen[..., None], self.sc_logits, processed)
+            self.sc_logits = processed.to(embed_dtype)
+        self.step_index += 1
+
+    # -- canvases ---------------------------------------------------------------------------------------
+
+    def _start_canvas(self, canvas: torch.Tensor, sc_logits) -> None:
+        self.canvas.copy_(canvas)
+        self.argmax.copy_(canvas)  # upstream's argmax canvas before the first step
+        self.finished_denoising.zero_()
+        self.history.fill_(-1)
+        self.step_index.zero_()
+        if self.sampling == "fused":
+            self.soft.zero_()
+        else:
+            self.sc_logits = sc_logits
+
+    def _initial_canvas(self, canvas_index: int) -> torch.Tensor:
+        shape = (self.batch_size, self.canvas_length)
+        if self.sampling == "reference":  # upstream's sampler.initialize_canvas, same RNG use
+            return torch.randint(0, self.vocab_size, shape, device=self.device)
+        # Counter-based like the steps: the canvas depends on (seed, canvas index) only.
+        generator = torch.Generator(device=self.device).manual_seed(int(self.seed_value) * 1_000_003 + canvas_index)
+        return torch.randint(0, self.vocab_size, shape, device=self.device, generator=generator)
+
+    def _denoise_reference(self, decoder_position_ids, streamer) -> None:
+        for _ in range(self.settings.steps):
+            self.step(decoder_position_ids)
+            _put_draft(streamer, self.argmax)
+            if bool(self.finished_denoising.all()):  # upstream breaks here too (and so consumes no more RNG)
+                break
+
+    def _denoise_fused(self, decoder_position_ids, streamer) -> None:
+        self.position_ids.copy_(decoder_position_ids)
+        steps = self.settings.steps
+        poll = self.settings.adaptive_stopping
+        if not self.use_graphs:
+            for _ in range(steps):
+                self.step(self.position_ids)
+                _put_draft(streamer, self.argmax)
+                if poll and bool(self.finished_denoising.all()):
+                    break
+            return
+        graph = self._ready_graph()
+        if graph is None:
+            # First step eagerly: real work, and the warm-up (kernel compilation, library handles) for capture.
+            self.step(self.position_ids)
+            _put_draft(streamer, self.argmax)
+            steps -= 1
+            graph = self._capture() if steps else None
+        # Adaptive stopping: each replay also copies "all rows finished" to pinned memory behind an event. Before
+        # launching a step the host waits for the flag of the step two back, so one step stays queued and the
+        # GPU never idles; a canvas that is done stops within two steps (finished rows are frozen, and the
+        # random streams are counter-based, so the extra steps change nothing).
+        pending = []
+        for _ in range(steps):
+            if len(pending) == 2:
+                event, flag = pending.pop(0)
+                event.synchronize()
+                if bool(flag):
+                    break
+            graph.replay()
+            _put_draft(streamer, self.argmax)
+            if poll:
+                flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+                flag.copy_(self.finished_denoising.all(), non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                pending.append((event, flag))
+
+    def _mask_key(self):
+        return tuple((k, None if m is None else tuple(m.shape)) for k, m in sorted(self.mask_mapping.items()))
+
+    def _ready_graph(self):
+        """The captured step, if one exists for masks of these shapes: the canvas's masks are copied into the
+        buffers it reads. Shapes change only when the cache does, so a graph serves every canvas and call."""
+        if getattr(self, "_graph_key", None) != self._mask_key():
+            return None
+        for name, mask in self.mask_mapping.items():
+            if mask is not None:
+                self._static_masks[name].copy_(mask)
+        self.mask_mapping = self._static_masks
+        return self._captured
+
+    def _capture(self):
+        key = self._mask_key()
+        self._static_masks = {k: None if m is None else m.clone() for k, m in self.mask_mapping.items()}
+        self.mask_mapping = self._static_masks
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step(self.position_ids)
+        self._graph_key, self._captured = key, graph
+        return graph
+
+    def run(self, generation_config, input_ids, attention_mask, past_key_values, decoder_input_ids, sc_logits,
+            streamer, prompt_kwargs):
+        """The canvas loop; `prompt_kwargs` (e.g. pixel_values) go to the prompt's encoder pass."""
+        if self.sampling != "fused":
+            return self._run(generation_config, input_ids, attention_mask, past_key_values, decoder_input_ids,
+                             sc_logits, streamer, prompt_kwargs)
+        # The decoder reads the soft embedding (not logits) as its self-conditioning input.
+        hook = self.model.model.decoder.self_conditioning.register_forward_pre_hook(
+            lambda module, args: (args[0], self.soft)
+        )
+        try:
+            return self._run(generation_config, input_ids, attention_mask, past_key_values, decoder_input_ids,
+                             sc_logits, streamer, prompt_kwargs)
+        finally:
+            hook.remove()
+
+    def _run(self, generation_config, input_ids, attention_mask, past_key_values, decoder_input_ids, sc_logits,
+             streamer, prompt_kwargs):
+        model = self.model
+        settings = self.settings
+        length = self.canvas_length
+        initial_length = input_ids.shape[1]
+        cur_len = initial_length + (past_key_values.get_seq_length() if past_key_values is not None else 0)
+        self.cache = self.make_cache(past_key_values)
+        self.finished_sequences.zero_()
+        self.forward_passes.zero_()
+        if self.sampling == "fused":
+            self.counter.zero_()  # a call's random streams depend on its seed only
+        eos = None
+        if settings.eos_token_id is not None:
+            eos = torch.tensor(list(settings.eos_token_id), device=self.device)
+        stopping_criteria = model._prepare_ar_stopping_criteria(generation_config, None)
+        encoder_position_ids = torch.arange(cur_len - initial_length, cur_len, device=self.device).unsqueeze(0)
+        decoder_position_ids = torch.arange(cur_len, cur_len + length, device=self.device).unsqueeze(0)
+        if attention_mask is None:
+            attention_mask = torch.ones((self.batch_size, cur_len), dtype=torch.bool, device=self.device)
+        attention_mask = attention_mask.bool()
+        decoder_attention_mask = torch.nn.functional.pad(attention_mask, (0, length), value=True)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+        for canvas_index in range(self.canvases):
+            # Commit what is new (the prompt, then the last canvas) to the cache with one encoder pass.
+            unprocessed, encoder_masks = model._prepare_encoder_inputs(
+                input_ids=input_ids, attention_mask=attention_mask, encoder_position_ids=encoder_position_ids,
+                past_key_values=self.cache, is_prefill=canvas_index == 0, canvas_length=length,
+                batch_size=self.batch_size,
+            )
+            model.model.encoder(
+                input_ids=unprocessed, attention_mask=encoder_masks, past_key_values=self.cache,
+                position_ids=encoder_position_ids, **(prompt_kwargs if canvas_index == 0 else {}),
+            )
+            start = self._initial_canvas(canvas_index)  # drawn even when a canvas is given, as upstream does
+            if canvas_index == 0 and decoder_input_ids is not None:
+                start = decoder_input_ids
+            self.mask_mapping = model.model.decoder.create_diffusion_decoder_attention_mask(
+                config=model.config, inputs_embeds=start.unsqueeze(-1), past_key_values=self.cache,
+                decoder_attention_mask=decoder_attention_mask,
+            )
+            self._start_canvas(start, sc_logits if canvas_index == 0 else None)
+            if self.sampling == "fused":
+                self._denoise_fused(decoder_position_ids, streamer)
+            else:
+                self._denoise_reference(decoder_position_ids, streamer)
+
+            input_ids = torch.cat([input_ids, self.argmax.clone()], dim=-1)
+            input_ids, finished = model._finalize_canvas(
+                input_ids=input_ids, finished_sequences=self.finished_sequences.clone(),
+                generation_config=generation_config, stopping_criteria=stopping_criteria,
+                canvas_length=length, eos_tensor=eos,
+            )
+            self.finished_sequences.copy_(finished)
+            if streamer is not None:
+                streamer.put(input_ids[:, -length:].cpu())
+            if bool(self.finished_sequences.all()):  # the one host sync of a canvas
+                break
+            cur_len, decoder_attention_mask, attention_mask, encoder_position_ids, decoder_position_ids = (
+                model._prepare_kwargs_for_next_canvas(
+                    attention_mask=attention_mask, decoder_attention_mask=decoder_attention_mask,
+                    decoder_position_ids=decoder_position_ids, canvas_length=length, cur_len=cur_len,
+                )
+            )
+        if streamer is not None:
+            streamer.end()
+        tokens_per_forward = model._compute_tokens_per_forward(
+            input_ids, self.forward_passes, initial_length, settings.pad_token_id
+        )
+        return input_ids, tokens_per_forward, self.cache
+
+
+def _put_draft(streamer, argmax: torch.Tensor) -> None:
+    # A draft streamer sees every step (upstream's put_draft), at the cost of a device-to-host copy per step.
+    if streamer is not None and hasattr(streamer, "put_draft"):
+        streamer.put_draft(value=argmax.cpu())

@@ -1,0 +1,177 @@
+"""The generation engine: fused sampler, acceptance/stop rules against upstream's, the fused mode end to end."""
+
+
+import pytest
+import torch
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+    EntropyBoundSampler,
+    EntropyBoundSamplerConfig,
+    StableAndConfidentStoppingCriteria,
+)
+
+from conftest import build_pair, left_padded_batch, variant_config
+from dgemma_hf.generation.acceptance import entropy_bound_accept, stable_and_confident
+from dgemma_hf.kernels.sampler import sample_tokens
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _scalars(inv_temperature, seed, counter):
+    return (torch.tensor([inv_temperature], device=DEVICE), torch.tensor([seed], device=DEVICE),
+            torch.tensor([counter], device=DEVICE))
+
+
+@pytest.mark.parametrize("rows, vocab, block_v", [(5, 1000, 256), (3, 4096, 1024), (7, 300, 512)])
+def test_sampler_exact_statistics(rows, vocab, block_v):
+    generator = torch.Generator().manual_seed(rows * vocab)
+    logits = (4 * torch.randn(rows, vocab, generator=generator)).to(DEVICE)
+    logits[0, 17] = logits[0, vocab - 3] = logits[0].max() + 1  # a tie: the first index wins
+    stats = sample_tokens(logits, *_scalars(1 / 0.7, 1, 0), block_v=block_v)
+    x = (logits / 0.7).double().cpu()
+    assert stats.argmax.tolist() == x.argmax(-1).tolist()
+    assert stats.argmax[0].item() == 17
+    entropy = torch.distributions.Categorical(logits=x).entropy()
+    assert torch.allclose(stats.entropy.cpu().double(), entropy, atol=1e-4)
+    assert torch.allclose(stats.max_prob.cpu().double(), x.softmax(-1).max(-1).values, atol=1e-5)
+    assert torch.allclose(stats.log_norm.cpu().double(), torch.logsumexp(x, -1), atol=1e-4)
+    assert ((0 <= stats.sampled) & (stats.sampled < vocab)).all() and ((0 <= stats.noise) & (stats.noise < vocab)).all()
+
+
+def test_sampler_frequencies_match_softmax_chi_square():
+    """Gumbel-max samples follow softmax(logits * inv_temperature): chi-square over 800 draws (one per row;
+    rows are slow in the CPU interpreter)."""
+    vocab, rows = 5, 800
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 1.5
+    stats = sample_tokens(logits.repeat(rows, 1).to(DEVICE), *_scalars(1 / 0.8, 1234, 5), block_v=8)
+    observed = torch.bincount(stats.sampled.cpu(), minlength=vocab).double()
+    expected = (logits / 0.8).double().softmax(-1) * rows
+    chi2 = ((observed - expected) ** 2 / expected).sum().item()
+    assert chi2 < 18.47  # 4 degrees of freedom, p = 0.001
+    noise = torch.bincount(stats.noise.cpu(), minlength=vocab).double()
+    assert ((noise - rows / vocab) ** 2 / (rows / vocab)).sum().item() < 18.47  # renoise tokens: uniform
+
+
+def test_sampler_is_counter_based():
+    logits = torch.randn(64, 500, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    a = sample_tokens(logits, *_scalars(1.0, 7, 3))
+    torch.randn(10)  # other RNG use in between changes nothing
+    b = sample_tokens(logits, *_scalars(1.0, 7, 3))
+    c = sample_tokens(logits, *_scalars(1.0, 7, 4))
+    assert torch.equal(a.sampled, b.sampled) and torch.equal(a.noise, b.noise)
+    assert not torch.equal(a.sampled, c.sampled)
+
+
+def test_sampler_checks_inputs():
+    logits = torch.randn(2, 10)
+    with pytest.raises(TypeError, match="logits must be a float32"):
+        sample_tokens(logits.half(), *_scalars(1.0, 0, 0))
+    with pytest.raises(TypeError, match="seed must be a one-element torch.int64"):
+        sample_tokens(logits.to(DEVICE), torch.tensor([1.0], device=DEVICE), torch.tensor([1.0], device=DEVICE),
+                      torch.tensor([0], device=DEVICE))
+
+
+def test_entropy_bound_matches_upstream_sampler():
+    generator = torch.Generator().manual_seed(2)
+    for bound in (0.05, 0.5, 3.0):
+        logits = torch.randn(3, 40, 50, generator=generator) * torch.rand(3, 40, 1, generator=generator) * 8
+        sampler = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=bound), 40, 50, 4)
+        sampler.accept_canvas(torch.zeros(3, 40, dtype=torch.long), torch.ones(3, 40, dtype=torch.long), logits, 1)
+        entropy = torch.distributions.Categorical(logits=logits).entropy()
+        mask = entropy_bound_accept(entropy, bound)
+        assert torch.equal(mask, sampler.accepted_token_mask)
+        assert mask.any(dim=-1).all()  # at least one token per row
+
+
+@pytest.mark.parametrize("stability", [0, 1, 2])
+def test_stop_decisions_match_upstream(stability):
+    generator = torch.Generator().manual_seed(stability)
+    upstream = StableAndConfidentStoppingCriteria(stability_threshold=stability, confidence_threshold=1.5)
+    history = torch.full((max(stability, 1), 4, 6), -1, dtype=torch.long)
+    argmax = torch.randint(0, 3, (4, 6), generator=generator)
+    for step in range(8):
+        if step % 3:  # sometimes repeat the canvas so stability can trigger
+            argmax = torch.where(torch.rand(4, 6, generator=generator) < 0.2, torch.randint(0, 3, (4, 6), generator=generator), argmax)
+        logits = torch.randn(4, 6, 9, generator=generator) * (step + 1)
+        entropy = torch.distributions.Categorical(logits=logits).entropy()
+        want = upstream(argmax.clone(), logits)
+        got = stable_and_confident(argmax, entropy, history, stability, 1.5)
+        assert torch.equal(got, want), step
+
+
+def _fused(model, input_ids, **kwargs):
+    return model.generate(input_ids, sampling="fused", **kwargs)
+
+
+def test_fused_generate_is_repeatable_and_seeded(tokenizer):
+    config = variant_config("default")
+    model = build_pair(config, tokenizer, seed=1)[0]
+    input_ids, attention_mask = left_padded_batch(tokenizer, ["Why is the sky blue?", "Tom has 3 apples."])
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=2 * config.canvas_length, max_denoising_steps=3,
+                  eos_token_id=None)
+    a = _fused(model, input_ids, seed=11, **kwargs)
+    b = _fused(model, input_ids, seed=11, **kwargs)
+    c = _fused(model, input_ids, seed=12, **kwargs)
+    assert a.sequences.shape == (2, input_ids.shape[1] + 2 * config.canvas_length)
+    assert torch.equal(a.sequences, b.sequences) and not torch.equal(a.sequences, c.sequences)
+    assert torch.equal(a.sequences[:, : input_ids.shape[1]], input_ids)
+
+
+@pytest.mark.parametrize("sampling", ["reference", "fused"])
+def test_rows_that_stop_early_count_fewer_forwards(sampling, tokenizer):
+    """A confidence threshold nothing can miss stops every row after one step (stability 0): one decoder pass
+    per canvas, in both modes."""
+    config = variant_config("mha_no_k_eq_v")
+    model = build_pair(config, tokenizer, seed=2)[0]
+    input_ids, attention_mask = left_padded_batch(tokenizer, ["Why is the sky blue?", "Tom has 3 apples."])
+    out = model.generate(
+        input_ids, attention_mask=attention_mask, sampling=sampling, max_new_tokens=3 * config.canvas_length,
+        max_denoising_steps=5, stability_threshold=0, confidence_threshold=1e9, eos_token_id=None, seed=3,
+    )
+    assert out.tokens_per_forward.tolist() == [float(config.canvas_length)] * 2
+
+
+@pytest.mark.parametrize("sampling", ["reference", "fused"])
+def test_finished_sequences_are_padded(sampling, tokenizer):
+    config = variant_config("default")
+    model = build_pair(config, tokenizer, seed=3)[0]
+    input_ids, attention_mask = left_padded_batch(tokenizer, ["Why is the sky blue?", "Tom has 3 apples.", "Hi"])
+    kwargs = dict(attention_mask=attention_mask, sampling=sampling, max_new_tokens=4 * config.canvas_length,
+                  max_denoising_steps=2, seed=4)
+    probe = model.generate(input_ids, eos_token_id=None, **kwargs).sequences[:, input_ids.shape[1]:]
+    eos = torch.bincount(probe.flatten()).argmax().item()  # frequent enough that rows finish at different canvases
+    out = model.generate(input_ids, eos_token_id=[eos], pad_token_id=0, **kwargs)
+    new = out.sequences[:, input_ids.shape[1]:]
+    for row in new:
+        hits = (row == eos).nonzero().flatten()
+        if len(hits):
+            assert (row[hits[0] + 1 :] == 0).all()  # everything after the first eos is padding
+    assert (out.tokens_per_forward > 0).all()
+
+
+def test_engine_input_errors(tokenizer):
+    config = variant_config("default")
+    model = build_pair(config, tokenizer)[0]
+    input_ids = tokenizer(["Hi"], return_tensors="pt")["input_ids"]
+    with pytest.raises(ValueError, match="`sampling` must be one of"):
+        model.generate(input_ids, sampling="greedy")
+    with pytest.raises(ValueError, match="needs sampling='reference'"):
+        model.generate(input_ids, sampling="fused", cache_implementation="dynamic")
+    with pytest.raises(ValueError, match="`logits_processor` and `stopping_criteria` are not supported"):
+        model.generate(input_ids, logits_processor=[])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_match_eager_steps(tokenizer):
+    config = variant_config("default")
+    model = build_pair(config, tokenizer, seed=5)[0].to("cuda", torch.bfloat16)
+    input_ids, attention_mask = left_padded_batch(tokenizer, ["Why is the sky blue?", "Tom has 3 apples."])
+    kwargs = dict(attention_mask=attention_mask.cuda(), max_new_tokens=3 * config.canvas_length,
+                  max_denoising_steps=6, seed=9, sampling="fused")
+    graphed = model.generate(input_ids.cuda(), **kwargs)
+    assert model._dgemma_engine.use_graphs and hasattr(model._dgemma_engine, "_captured")
+    again = model.generate(input_ids.cuda(), **kwargs)  # reuses the captured graph
+    model._dgemma_engine.use_graphs = False
+    eager = model.generate(input_ids.cuda(), **kwargs)
+    assert torch.equal(graphed.sequences, again.sequences)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert torch.equal(graphed.tokens_per_forward, eager.tokens_per_forward)
