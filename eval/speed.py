@@ -124,6 +124,25 @@ def run_case(model, batch: int, args, upstream: bool) -> dict:
     }
 
 
+def profile_step(model) -> dict:
+    """Times replays of the engine's captured step (the decoder step alone, no encoder pass) and prints the
+    GPU kernels of one eager step, heaviest first."""
+    engine = model._dgemma_engine
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    engine._captured.replay()
+    start.record()
+    for _ in range(10):
+        engine._captured.replay()
+    end.record()
+    torch.cuda.synchronize()
+    graph_ms = start.elapsed_time(end) / 10
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine.step(engine.position_ids)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    return {"graph_step_ms": graph_ms}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="1,4,8", help="comma-separated batch sizes")
@@ -133,6 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="also time one captured decoder step and list the kernels of one step")
     parser.add_argument("--out", type=Path, default=Path("results/speed.json"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -155,6 +176,8 @@ def main(argv=None) -> int:
         for upstream in ([True] if batch in baseline else []) + [False]:
             row = run_case(model, batch, args, upstream)
             row["floor_tok_per_s"] = batch * model.config.canvas_length / args.steps / (floor_ms / 1e3)
+            if args.profile and not upstream:
+                row.update(profile_step(model))
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()

@@ -3,9 +3,9 @@
     out[t] = sum_k w[t, k] * down[e] @ (gelu_tanh(gate[e] @ x[t]) * (up[e] @ x[t])),   e = idx[t, k]
 
 Weights are either bf16/fp16 (`gate_up` [E, 2I, H] with gate rows 0..I-1 and up rows I..2I-1, `down`
-[E, H, I], transformers' layout) or NVFP4 in ModelOpt layout (uint8 codes [E, N, K/2], E4M3 scales
+[E, H, I], transformers' layout) or NVFP4 (uint8 codes [E, N, K/2] in `to_kernel_layout`, E4M3 scales
 [E, N, K/16] passed as uint8, fp32 global scales [E]) dequantized in registers (W4A16: Hopper has no FP4
-tensor cores). Activations are bf16/fp16; accumulation is fp32.
+tensor cores). Activations are bf16/fp16 (or fp32, as TF32 on the tensor cores); accumulation is fp32.
 
 Steps, all on the device with shapes fixed by (tokens, top_k, experts), so they can be captured in a CUDA
 graph: `route` sorts the token-expert pairs by expert and builds a tile schedule; `_gate_up_kernel` gathers
@@ -32,6 +32,10 @@ _CONFIGS = (
     (96, 64, 128, 64, 4, 4),
     (float("inf"), 128, 128, 64, 8, 3),
 )
+
+
+# float32 runs the tensor cores in TF32 (Triton's default for a float32 dot).
+_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class Routing(NamedTuple):
@@ -264,8 +268,8 @@ def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple, dtypes: tuple, 
 
 
 def _check_routing_inputs(hidden_states, top_k_index, top_k_weights) -> None:
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError("hidden_states must be a bfloat16 or float16 torch.Tensor [tokens, hidden]")
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dtype not in _ACTIVATION_DTYPES:
+        raise TypeError("hidden_states must be a bfloat16, float16 or float32 torch.Tensor [tokens, hidden]")
     _check(hidden_states.ndim == 2, f"hidden_states must be 2D [tokens, hidden], got {tuple(hidden_states.shape)}")
     _check(hidden_states.is_contiguous(), "hidden_states must be contiguous")
     tokens = hidden_states.shape[0]

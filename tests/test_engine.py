@@ -102,10 +102,16 @@ def _fused(model, input_ids, **kwargs):
     return model.generate(input_ids, sampling="fused", **kwargs)
 
 
+def _on_device(model, *tensors):
+    return (model.to(DEVICE), *(t.to(DEVICE) for t in tensors))
+
+
 def test_fused_generate_is_repeatable_and_seeded(tokenizer):
     config = variant_config("default")
-    model = build_pair(config, tokenizer, seed=1)[0]
-    input_ids, attention_mask = left_padded_batch(tokenizer, ["Why is the sky blue?", "Tom has 3 apples."])
+    model, input_ids, attention_mask = _on_device(
+        build_pair(config, tokenizer, seed=1)[0],
+        *left_padded_batch(tokenizer, ["Why is the sky blue?", "Tom has 3 apples."]),
+    )
     kwargs = dict(attention_mask=attention_mask, max_new_tokens=2 * config.canvas_length, max_denoising_steps=3,
                   eos_token_id=None)
     a = _fused(model, input_ids, seed=11, **kwargs)
@@ -121,8 +127,10 @@ def test_rows_that_stop_early_count_fewer_forwards(sampling, tokenizer):
     """A confidence threshold nothing can miss stops every row after one step (stability 0): one decoder pass
     per canvas, in both modes."""
     config = variant_config("mha_no_k_eq_v")
-    model = build_pair(config, tokenizer, seed=2)[0]
-    input_ids, attention_mask = left_padded_batch(tokenizer, ["Why is the sky blue?", "Tom has 3 apples."])
+    model, input_ids, attention_mask = _on_device(
+        build_pair(config, tokenizer, seed=2)[0],
+        *left_padded_batch(tokenizer, ["Why is the sky blue?", "Tom has 3 apples."]),
+    )
     out = model.generate(
         input_ids, attention_mask=attention_mask, sampling=sampling, max_new_tokens=3 * config.canvas_length,
         max_denoising_steps=5, stability_threshold=0, confidence_threshold=1e9, eos_token_id=None, seed=3,
@@ -133,8 +141,10 @@ def test_rows_that_stop_early_count_fewer_forwards(sampling, tokenizer):
 @pytest.mark.parametrize("sampling", ["reference", "fused"])
 def test_finished_sequences_are_padded(sampling, tokenizer):
     config = variant_config("default")
-    model = build_pair(config, tokenizer, seed=3)[0]
-    input_ids, attention_mask = left_padded_batch(tokenizer, ["Why is the sky blue?", "Tom has 3 apples.", "Hi"])
+    model, input_ids, attention_mask = _on_device(
+        build_pair(config, tokenizer, seed=3)[0],
+        *left_padded_batch(tokenizer, ["Why is the sky blue?", "Tom has 3 apples.", "Hi"]),
+    )
     kwargs = dict(attention_mask=attention_mask, sampling=sampling, max_new_tokens=4 * config.canvas_length,
                   max_denoising_steps=2, seed=4)
     probe = model.generate(input_ids, eos_token_id=None, **kwargs).sequences[:, input_ids.shape[1]:]
@@ -148,7 +158,8 @@ def test_finished_sequences_are_padded(sampling, tokenizer):
     assert (out.tokens_per_forward > 0).all()
 
 
-def test_engine_input_errors(tokenizer):
+def test_engine_input_errors(tokenizer, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the CPU model may take the fused path
     config = variant_config("default")
     model = build_pair(config, tokenizer)[0]
     input_ids = tokenizer(["Hi"], return_tensors="pt")["input_ids"]
@@ -158,6 +169,13 @@ def test_engine_input_errors(tokenizer):
         model.generate(input_ids, sampling="fused", cache_implementation="dynamic")
     with pytest.raises(ValueError, match="`logits_processor` and `stopping_criteria` are not supported"):
         model.generate(input_ids, logits_processor=[])
+
+
+def test_fused_sampling_on_cpu_without_interpreter_is_refused(monkeypatch, tokenizer):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = build_pair(variant_config("default"), tokenizer)[0]
+    with pytest.raises(ValueError, match="sampling='fused' runs Triton kernels: the model must be on CUDA"):
+        model.generate(tokenizer(["Hi"], return_tensors="pt")["input_ids"], sampling="fused")
 
 
 @pytest.mark.gpu

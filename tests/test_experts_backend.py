@@ -54,12 +54,12 @@ def test_dgemma_backend_on_cpu_is_upstream_grouped_mm(tokenizer):
     assert torch.equal(_logits(ours, input_ids, attention_mask, canvas), _logits(upstream, input_ids, attention_mask, canvas))
 
 
-def test_triton_applies_only_to_inference_on_cuda_in_half_precision():
+def test_triton_applies_only_to_inference_on_cuda():
     x = torch.randn(2, 4, dtype=torch.bfloat16)
     w = torch.randn(4, 4, dtype=torch.bfloat16)
     assert not triton_applies(x, w)  # CPU tensors
     if torch.cuda.is_available():
         x, w = x.cuda(), w.cuda()
-        assert triton_applies(x, w)
-        assert not triton_applies(x.float(), w.float())
+        assert triton_applies(x, w) and triton_applies(x.float(), w.float())
+        assert not triton_applies(x, w.float())  # mixed dtypes
         assert not triton_applies(x, w.requires_grad_())

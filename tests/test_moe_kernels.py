@@ -13,7 +13,7 @@ from dgemma_hf.kernels.moe import NVFP4Experts, moe_experts, moe_experts_nvfp4, 
 from dgemma_hf.kernels.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 def reference_moe(x, top_k_index, top_k_weights, gate_up, down):
@@ -148,8 +148,8 @@ def test_wrapper_checks_name_the_tensor():
     weights = torch.full((4, 2), 0.5)
     gate_up = torch.randn(3, 64, 64).half()
     down = torch.randn(3, 64, 32).half()
-    with pytest.raises(TypeError, match="hidden_states must be a bfloat16 or float16"):
-        moe_experts(x.float(), index, weights, gate_up, down)
+    with pytest.raises(TypeError, match="hidden_states must be a bfloat16, float16 or float32"):
+        moe_experts(x.double(), index, weights, gate_up, down)
     with pytest.raises(ValueError, match=r"down_proj must have shape \(3, 64, 32\)"):
         moe_experts(x, index, weights, gate_up, down[:, :, :16].contiguous())
     with pytest.raises(TypeError, match="gate_up_proj must have dtype torch.float16"):

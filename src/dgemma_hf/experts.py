@@ -1,8 +1,9 @@
 """Experts implementations registered in transformers' ExpertsInterface.
 
 - "dgemma_triton": the Triton grouped-GEMM kernels (`dgemma_hf.kernels.moe`), inference only.
-- "dgemma": the default of DiffusionGemmaForMaskedGeneration. Triton where it applies (CUDA, bf16/fp16,
-  no gradient needed), otherwise upstream's "grouped_mm" torch path, so the same model runs everywhere.
+- "dgemma": the default of DiffusionGemmaForMaskedGeneration. Triton where it applies (CUDA inference; float32
+  runs as TF32), otherwise upstream's "grouped_mm" torch path, so the same model runs everywhere. The Triton
+  path never synchronises with the host, so the engine can capture it in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterfac
 
 TRITON = "dgemma_triton"
 AUTO = "dgemma"
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # float32 as TF32
 
 
 def triton_experts_forward(self, hidden_states, top_k_index, top_k_weights):

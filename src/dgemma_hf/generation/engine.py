@@ -20,6 +20,7 @@ The engine knows the order of calls; the arithmetic is upstream's modules, our k
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,11 @@ def resolve_sampling(sampling: str, device: torch.device) -> str:
         raise ValueError(f"`sampling` must be one of {SAMPLING_MODES}, got {sampling!r}")
     if sampling == "auto":
         return "fused" if device.type == "cuda" else "reference"
+    if sampling == "fused" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"sampling='fused' runs Triton kernels: the model must be on CUDA (it is on {device}), or set "
+            "TRITON_INTERPRET=1 before importing triton to interpret them on the CPU (slow; for tests)"
+        )
     return sampling
 
 
@@ -163,7 +169,7 @@ class DenoisingEngine:
         soft = torch.zeros(rows.shape[0], embed.weight.shape[1], dtype=torch.float32, device=rows.device)
         for start in range(0, rows.shape[1], _SOFT_CHUNK):
             probs = torch.exp(rows[:, start : start + _SOFT_CHUNK] * inv_temperature - log_norm[:, None])
-            soft.addmm_(probs.to(embed.weight.dtype), embed.weight[start : start + _SOFT_CHUNK])
+            soft += torch.mm(probs.to(embed.weight.dtype), embed.weight[start : start + _SOFT_CHUNK]).float()
         soft = soft.to(embed.weight.dtype) * embed.embed_scale.to(embed.weight.dtype)
         return soft.view(*logits.shape[:2], -1)
 
