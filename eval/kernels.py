@@ -58,8 +58,8 @@ def rel_err(got, want) -> float:
 
 
 def build_nvfp4(gate_up, down):
-    from dgemma_hf.kernels.moe import NVFP4Experts, to_kernel_layout
-    from dgemma_hf.kernels.nvfp4 import dequantize_nvfp4, quantize_nvfp4
+    from dgemma_hf.kernels.moe import NVFP4Experts
+    from dgemma_hf.kernels.nvfp4 import dequantize_nvfp4, quantize_nvfp4, to_kernel_layout
 
     gate = quantize_nvfp4(gate_up[:, :INTERMEDIATE])
     up = quantize_nvfp4(gate_up[:, INTERMEDIATE:])

@@ -3,7 +3,7 @@
     out[t] = sum_k w[t, k] * down[e] @ (gelu_tanh(gate[e] @ x[t]) * (up[e] @ x[t])),   e = idx[t, k]
 
 Weights are either bf16/fp16 (`gate_up` [E, 2I, H] with gate rows 0..I-1 and up rows I..2I-1, `down`
-[E, H, I], transformers' layout) or NVFP4 (uint8 codes [E, N, K/2] in `to_kernel_layout`, E4M3 scales
+[E, H, I], transformers' layout) or NVFP4 (uint8 codes [E, N, K/2] in `nvfp4.to_kernel_layout`'s order, E4M3 scales
 [E, N, K/16] passed as uint8, fp32 global scales [E]) dequantized in registers (W4A16: Hopper has no FP4
 tensor cores). Activations are bf16/fp16 (or fp32, as TF32 on the tensor cores); accumulation is fp32.
 
@@ -227,21 +227,9 @@ def _down_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def to_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
-    """ModelOpt NVFP4 bytes [..., N, K/2] (element 2j low, 2j+1 high) -> the kernels' layout: per block of 32
-    K elements, byte j holds element j (low nibble) and element j + 16 (high nibble), so each nibble half is
-    16 consecutive K elements under one scale. K must be a multiple of 32. Done once, at load time."""
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
-        raise TypeError("packed must be a uint8 torch.Tensor [..., N, K/2]")
-    if packed.ndim < 2 or packed.shape[-1] % 16 != 0:
-        raise ValueError(f"packed's last dimension (K/2) must be a multiple of 16, got shape {tuple(packed.shape)}")
-    codes = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)  # [..., N, K], K order
-    blocks = codes.unflatten(-1, (-1, 2, 16))  # [..., N, K/32, half, 16]
-    return (blocks[..., 0, :] | (blocks[..., 1, :] << 4)).flatten(-2)
-
-
 class NVFP4Experts(NamedTuple):
-    """Expert weights in NVFP4 as the kernels read them: codes in `to_kernel_layout`, scales as ModelOpt's."""
+    """Expert weights in NVFP4 as the kernels read them: codes in `nvfp4.to_kernel_layout`'s byte order,
+    scales as ModelOpt's."""
 
     gate_up_packed: torch.Tensor  # uint8 [E, 2I, H/2], kernel layout
     gate_up_scale: torch.Tensor  # uint8 (E4M3 bits) [E, 2I, H/16]
@@ -292,6 +280,8 @@ def _run(hidden_states, top_k_index, top_k_weights, num_experts, intermediate, g
         return out
     num_pairs = tokens * top_k
     block_m, block_n, block_k, num_warps, num_stages = config or pick_config(num_pairs, num_experts)
+    if config is None and hidden_states.dtype == torch.float32:
+        block_k //= 2  # the table is sized for 2-byte tiles; fp32 ones would overflow shared memory
     routing = route(top_k_index, num_experts, block_m)
     max_tiles = routing.tile_expert.numel()
     act = torch.empty(num_pairs, intermediate, dtype=hidden_states.dtype, device=hidden_states.device)

@@ -31,6 +31,9 @@ __all__ = [
     "unpack_e2m1",
     "global_scale_from_compressed_tensors",
     "global_scale_to_compressed_tensors",
+    "KERNEL_BLOCK",
+    "to_kernel_layout",
+    "from_kernel_layout",
 ]
 
 BLOCK_SIZE = 16
@@ -268,3 +271,37 @@ def _finite_reciprocal(name: str, value: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(result).all()):
         raise ValueError(f"{name} is so small that its reciprocal overflows float32: {value.tolist()}")
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Triton kernels' byte order (dgemma_hf.kernels.moe)
+
+KERNEL_BLOCK = 32  # K elements per kernel packing unit: two E4M3 scale blocks
+
+
+def _check_kernel_packing(packed) -> None:
+    _require_tensor("packed", packed)
+    _require_dtype("packed", packed, (torch.uint8,))
+    if packed.ndim < 2 or packed.shape[-1] % (KERNEL_BLOCK // 2) != 0:
+        raise ValueError(
+            f"packed's last dimension (K/2) must be a multiple of {KERNEL_BLOCK // 2} (K a multiple of "
+            f"{KERNEL_BLOCK}), got shape {tuple(packed.shape)}"
+        )
+
+
+def to_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
+    """ModelOpt bytes [..., N, K/2] (element 2j low, 2j+1 high) -> the kernels' layout: per block of 32 K
+    elements, byte j holds element j (low nibble) and element j + 16 (high nibble), so each nibble half is 16
+    consecutive K elements under one scale. Done once, at load time."""
+    _check_kernel_packing(packed)
+    codes = unpack_e2m1(packed)  # [..., N, K], K order
+    blocks = codes.unflatten(-1, (-1, 2, KERNEL_BLOCK // 2))  # [..., N, K/32, half, 16]
+    return (blocks[..., 0, :] | (blocks[..., 1, :] << 4)).flatten(-2)
+
+
+def from_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
+    """The kernels' layout -> ModelOpt bytes (exact inverse of `to_kernel_layout`)."""
+    _check_kernel_packing(packed)
+    blocks = packed.unflatten(-1, (-1, KERNEL_BLOCK // 2))  # [..., N, K/32, 16]
+    codes = torch.cat((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2)  # [..., N, K], K order
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from dgemma_hf.kernels.moe import NVFP4Experts, moe_experts, moe_experts_nvfp4, route, to_kernel_layout
-from dgemma_hf.kernels.nvfp4 import dequantize_nvfp4, quantize_nvfp4
+from dgemma_hf.kernels.moe import NVFP4Experts, moe_experts, moe_experts_nvfp4, route
+from dgemma_hf.kernels.nvfp4 import dequantize_nvfp4, quantize_nvfp4, to_kernel_layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])

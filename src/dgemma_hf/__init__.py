@@ -6,10 +6,11 @@
 
 from .checkpoint import CheckpointError
 from .modeling import DiffusionGemmaForMaskedGeneration
+from .quantization import NVFP4Config
 from .registration import register
 
 __version__ = "0.1.0"
 
 register()
 
-__all__ = ["CheckpointError", "DiffusionGemmaForMaskedGeneration", "__version__"]
+__all__ = ["CheckpointError", "DiffusionGemmaForMaskedGeneration", "NVFP4Config", "__version__"]

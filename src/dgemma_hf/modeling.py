@@ -14,6 +14,8 @@ from transformers import DiffusionGemmaForBlockDiffusion
 from transformers.models.diffusion_gemma import DiffusionGemmaGenerationOutput
 
 from .checkpoint import check_checkpoint, check_quantization_config
+from .quantization.export import check_save_arguments, write_export_files
+from .quantization.swap import nvfp4_experts_modules
 from .experts import AUTO as AUTO_EXPERTS
 from .generation.checks import (
     check_canvas,
@@ -52,6 +54,17 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @torch.no_grad()
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained; an NVFP4 model (its state dict already in ModelOpt's layout, from
+        the quantizer) also gets ModelOpt's hf_quant_config.json and a model card."""
+        nvfp4 = bool(nvfp4_experts_modules(self))
+        if nvfp4:
+            check_save_arguments(kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if nvfp4 and kwargs.get("is_main_process", True):
+            write_export_files(self, save_directory)
+        return result
+
     def generate(
         self,
         input_ids=None,

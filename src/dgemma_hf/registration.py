@@ -4,10 +4,12 @@ from transformers import AutoModel, AutoModelForImageTextToText, DiffusionGemmaC
 
 from .experts import register_experts
 from .modeling import DiffusionGemmaForMaskedGeneration
+from .quantization import register_quantizers
 
 
 def register() -> None:
     register_experts()
+    register_quantizers()
     # exist_ok: the config class is transformers' own, already mapped to upstream's classes.
     for auto_class in (AutoModel, AutoModelForImageTextToText):
         auto_class.register(DiffusionGemmaConfig, DiffusionGemmaForMaskedGeneration, exist_ok=True)
