@@ -4,13 +4,11 @@
 import pytest
 import torch
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
-    EntropyBoundSampler,
-    EntropyBoundSamplerConfig,
     StableAndConfidentStoppingCriteria,
 )
 
 from conftest import build_pair, left_padded_batch, variant_config
-from dgemma_hf.generation.acceptance import entropy_bound_accept, stable_and_confident
+from dgemma_hf.generation.stopping import stable_and_confident
 from dgemma_hf.kernels.sampler import sample_tokens
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,18 +66,6 @@ def test_sampler_checks_inputs():
     with pytest.raises(TypeError, match="seed must be a one-element torch.int64"):
         sample_tokens(logits.to(DEVICE), torch.tensor([1.0], device=DEVICE), torch.tensor([1.0], device=DEVICE),
                       torch.tensor([0], device=DEVICE))
-
-
-def test_entropy_bound_matches_upstream_sampler():
-    generator = torch.Generator().manual_seed(2)
-    for bound in (0.05, 0.5, 3.0):
-        logits = torch.randn(3, 40, 50, generator=generator) * torch.rand(3, 40, 1, generator=generator) * 8
-        sampler = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=bound), 40, 50, 4)
-        sampler.accept_canvas(torch.zeros(3, 40, dtype=torch.long), torch.ones(3, 40, dtype=torch.long), logits, 1)
-        entropy = torch.distributions.Categorical(logits=logits).entropy()
-        mask = entropy_bound_accept(entropy, bound)
-        assert torch.equal(mask, sampler.accepted_token_mask)
-        assert mask.any(dim=-1).all()  # at least one token per row
 
 
 @pytest.mark.parametrize("stability", [0, 1, 2])

@@ -25,6 +25,7 @@ from .generation.checks import (
     resolve_generation_fields,
 )
 from .generation.engine import DenoisingEngine, Settings, resolve_sampling
+from .generation.scheduling import resolve_scheduler
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
@@ -53,7 +54,6 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
                 check_quantization_config(kwargs["quantization_config"], "quantization_config argument")
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
-    @torch.no_grad()
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save_pretrained; an NVFP4 model (its state dict already in ModelOpt's layout, from
         the quantizer) also gets ModelOpt's hf_quant_config.json and a model card."""
@@ -65,6 +65,7 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
             write_export_files(self, save_directory)
         return result
 
+    @torch.no_grad()
     def generate(
         self,
         input_ids=None,
@@ -73,14 +74,18 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
         generation_config=None,
         logits_processor=None,
         stopping_criteria=None,
+        scheduler=None,
         sampling: str = "auto",
         seed: int | None = None,
         **kwargs,
     ):
         """Upstream's generate (same arguments, outputs and semantics) on dgemma_hf's engine.
 
+        scheduler: a `dgemma_hf.schedulers` scheduler (entropy bound, confidence threshold, top-k per step) or
+            one of diffusers' DiffusionGemma schedulers; by default the entropy-bound scheduler built from the
+            generation config (upstream's sampler). Its `num_inference_steps` is the number of denoising steps.
         sampling: "reference" (upstream's randomness, exactly), "fused" (Triton sampler, static cache, CUDA
-            graphs on CUDA) or "auto" (fused on CUDA, reference elsewhere).
+            graphs on CUDA) or "auto" (fused on CUDA, reference elsewhere and for diffusers' schedulers).
         seed: the fused sampler's seed; by default drawn from torch's global generator (so
             `torch.manual_seed` makes runs repeatable in both modes).
         """
@@ -110,8 +115,9 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
                 "`logits_processor` and `stopping_criteria` are not supported by dgemma_hf's engine; "
                 "use its schedulers and generation settings"
             )
-        sampling = resolve_sampling(sampling, input_ids.device)
         generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        scheduler = resolve_scheduler(scheduler, generation_config, "max_denoising_steps" in kwargs)
+        sampling = resolve_sampling(sampling, input_ids.device, scheduler)
         if past_key_values is not None and generation_config.cache_implementation is not None:
             raise ValueError("Cannot provide both `past_key_values` and `generation_config.cache_implementation`.")
         if sampling == "fused" and generation_config.cache_implementation not in (None, "static"):
@@ -122,10 +128,8 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
         _, max_new_tokens = self._prepare_generated_length(generation_config, prompt_length)
         settings = Settings(
             max_new_tokens=max_new_tokens,
-            steps=generation_config.max_denoising_steps,
-            t_min=generation_config.t_min,
-            t_max=generation_config.t_max,
-            entropy_bound=generation_config.sampler_config.entropy_bound,
+            scheduler=scheduler,
+            scheduler_key=scheduler.cache_key(),
             stability_threshold=generation_config.stability_threshold,
             confidence_threshold=generation_config.confidence_threshold,
             eos_token_id=_as_tuple(generation_config.eos_token_id),

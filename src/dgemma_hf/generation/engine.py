@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, StaticCache
 
-from .acceptance import entropy_bound_accept, stable_and_confident
+from ..schedulers import DiffusersSchedulerAdapter, TextDiffusionScheduler
+from .stopping import stable_and_confident
 
 SAMPLING_MODES = ("auto", "reference", "fused")
 _SOFT_CHUNK = 16384  # vocabulary columns per chunk when rebuilding softmax for the soft embedding
@@ -34,13 +35,12 @@ _SOFT_CHUNK = 16384  # vocabulary columns per chunk when rebuilding softmax for 
 
 @dataclass(frozen=True)
 class Settings:
-    """The resolved generation settings the engine uses."""
+    """The resolved generation settings the engine uses. Equal settings can share a captured step; the
+    scheduler takes part through its key (class and config)."""
 
     max_new_tokens: int
-    steps: int
-    t_min: float | None
-    t_max: float | None
-    entropy_bound: float
+    scheduler: TextDiffusionScheduler | DiffusersSchedulerAdapter = field(compare=False, hash=False)
+    scheduler_key: str
     stability_threshold: int | None
     confidence_threshold: float | None
     eos_token_id: tuple[int, ...] | None
@@ -50,20 +50,22 @@ class Settings:
     def adaptive_stopping(self) -> bool:
         return self.stability_threshold is not None and self.confidence_threshold is not None
 
-    def inverse_temperatures(self, device) -> torch.Tensor:
-        """1 / temperature for each step, in step order; upstream's linear schedule over remaining steps."""
-        remaining = torch.arange(self.steps, 0, -1, dtype=torch.float64)
-        if self.t_min is None or self.t_max is None:
-            return torch.ones(self.steps, dtype=torch.float32, device=device)
-        temperature = self.t_min + (self.t_max - self.t_min) * (remaining / self.steps)
-        return (1.0 / temperature).to(device=device, dtype=torch.float32)
+    @property
+    def steps(self) -> int:
+        return self.scheduler.steps
 
 
-def resolve_sampling(sampling: str, device: torch.device) -> str:
+def resolve_sampling(sampling: str, device: torch.device, scheduler) -> str:
     if sampling not in SAMPLING_MODES:
         raise ValueError(f"`sampling` must be one of {SAMPLING_MODES}, got {sampling!r}")
+    diffusers_scheduler = isinstance(scheduler, DiffusersSchedulerAdapter)
     if sampling == "auto":
-        return "fused" if device.type == "cuda" else "reference"
+        return "fused" if device.type == "cuda" and not diffusers_scheduler else "reference"
+    if sampling == "fused" and diffusers_scheduler:
+        raise ValueError(
+            f"diffusers' {type(scheduler.scheduler).__name__} runs with sampling='reference' (its steps read values "
+            "back to the host); use one of dgemma_hf.schedulers for sampling='fused'"
+        )
     if sampling == "fused" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"sampling='fused' runs Triton kernels: the model must be on CUDA (it is on {device}), or set "
@@ -103,7 +105,9 @@ class DenoisingEngine:
         self.device = device
         self.use_graphs = sampling == "fused" and device.type == "cuda"
         shape = (batch_size, self.canvas_length)
-        self.inverse_temperatures = settings.inverse_temperatures(device)
+        self.scheduler = settings.scheduler
+        if sampling == "fused":
+            self.inverse_temperatures = (1.0 / self.scheduler.temperatures(device)).float()
         # Per-step state, updated in place so a captured graph keeps reading and writing the same memory.
         self.canvas = torch.zeros(shape, dtype=torch.long, device=device)
         self.argmax = torch.zeros(shape, dtype=torch.long, device=device)
@@ -173,36 +177,35 @@ class DenoisingEngine:
         soft = soft.to(embed.weight.dtype) * embed.embed_scale.to(embed.weight.dtype)
         return soft.view(*logits.shape[:2], -1)
 
-    def _token_stats(self, logits, inv_temperature):
-        """Sampled, argmax and entropy per position, and the renoise tokens."""
+    def _fused_candidates(self, logits):
+        """Fused sampler + the scheduler's acceptance: next canvas, argmax, entropy, log-normaliser."""
         batch, length, vocab = logits.shape
-        if self.sampling == "fused":
-            from ..kernels.sampler import sample_tokens
+        from ..kernels.sampler import sample_tokens
 
-            stats = sample_tokens(logits.view(-1, vocab), inv_temperature.view(1), self.seed, self.counter)
-            return stats, stats.sampled.view(batch, length), stats.noise.view(batch, length)
-        # Upstream's order of RNG use: multinomial over the processed logits, then randint for the renoise.
-        processed = logits * inv_temperature
-        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
-        sampled = torch.multinomial(probs.view(-1, vocab), num_samples=1).view(batch, length)
-        entropy = torch.distributions.Categorical(logits=processed).entropy()
-        noise = torch.randint(0, self.vocab_size, (batch, length), device=logits.device)
-        return (processed, processed.argmax(dim=-1), entropy), sampled, noise
+        # index_select, not [], so the step index stays on the device (indexing by a tensor would read it back).
+        inv_temperature = torch.index_select(self.inverse_temperatures, 0, self.step_index.view(1))
+        stats = sample_tokens(logits.view(-1, vocab), inv_temperature, self.seed, self.counter)
+        entropy, max_prob = stats.entropy.view(batch, length), stats.max_prob.view(batch, length)
+        accepted = self.scheduler.accept(entropy, max_prob, self.step_index)
+        new_canvas = torch.where(accepted, stats.sampled.view(batch, length), stats.noise.view(batch, length))
+        return new_canvas, stats.argmax.view(batch, length), entropy, (inv_temperature, stats.log_norm)
+
+    def _reference_candidates(self, logits):
+        """The scheduler's reference step (torch RNG, as upstream): next canvas, argmax, entropy, pred logits."""
+        out = self.scheduler.step(logits, self.settings.steps - self.host_step, self.canvas)
+        entropy = None
+        if self.settings.adaptive_stopping:
+            entropy = torch.distributions.Categorical(logits=out.pred_logits).entropy()
+        return out.prev_sample, out.pred_original_sample, entropy, out.pred_logits
 
     def step(self, decoder_position_ids) -> None:
         """One denoising step: every write goes to the engine's buffers, in place."""
         self.forward_passes += (~(self.finished_denoising | self.finished_sequences)).int()
-        # index_select, not [], so the step index stays on the device (indexing by a tensor would read it back).
-        inv_temperature = torch.index_select(self.inverse_temperatures, 0, self.step_index.view(1)).view(())
         logits = self._decoder_logits(decoder_position_ids)
-        stats, sampled, noise = self._token_stats(logits, inv_temperature)
-        batch, length = sampled.shape
         if self.sampling == "fused":
-            argmax, entropy = stats.argmax.view(batch, length), stats.entropy.view(batch, length)
+            new_canvas, argmax, entropy, extra = self._fused_candidates(logits)
         else:
-            processed, argmax, entropy = stats
-        accepted = entropy_bound_accept(entropy, self.settings.entropy_bound)
-        new_canvas = torch.where(accepted, sampled, noise)
+            new_canvas, argmax, entropy, extra = self._reference_candidates(logits)
         frozen = self.finished_denoising[:, None]
         if self.settings.adaptive_stopping:
             # Rows that already stopped keep their canvas, argmax and self-conditioning state.
@@ -215,16 +218,19 @@ class DenoisingEngine:
         self.canvas.copy_(new_canvas)
         self.argmax.copy_(argmax)
         if self.sampling == "fused":
-            soft = self._soft_embedding(logits, inv_temperature, stats.log_norm)
+            inv_temperature, log_norm = extra
+            soft = self._soft_embedding(logits, inv_temperature, log_norm)
             if self.settings.adaptive_stopping:
                 soft = torch.where(frozen[..., None], self.soft, soft)
             self.soft.copy_(soft)
             self.counter += 1
         else:
+            processed = extra
             embed_dtype = self.model.model.decoder.embed_tokens.weight.dtype
             if self.settings.adaptive_stopping and self.sc_logits is not None:
                 processed = torch.where(frozen[..., None], self.sc_logits, processed)
             self.sc_logits = processed.to(embed_dtype)
+            self.host_step += 1
         self.step_index += 1
 
     # -- canvases ---------------------------------------------------------------------------------------
@@ -239,6 +245,9 @@ class DenoisingEngine:
             self.soft.zero_()
         else:
             self.sc_logits = sc_logits
+            self.host_step = 0
+            if isinstance(self.scheduler, DiffusersSchedulerAdapter):
+                self.scheduler.start_canvas(self.canvas_length, self.device)
 
     def _initial_canvas(self, canvas_index: int) -> torch.Tensor:
         shape = (self.batch_size, self.canvas_length)
@@ -313,9 +322,7 @@ class DenoisingEngine:
         self.mask_mapping = self._static_masks
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        # Grad mode was seen enabled inside the capture (though generate runs under no_grad): say it again, or
-        # the experts take their autograd-friendly, host-synchronising path and the capture fails.
-        with torch.cuda.graph(graph), torch.no_grad():
+        with torch.cuda.graph(graph):
             self.step(self.position_ids)
         self._graph_key, self._captured = key, graph
         return graph

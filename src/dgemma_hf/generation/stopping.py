@@ -1,17 +1,9 @@
-"""Acceptance and stopping rules of upstream's sampler, as in-place, capture-safe tensor functions."""
+"""Upstream's adaptive stopping rule as an in-place, capture-safe tensor function (acceptance rules live in
+dgemma_hf.schedulers)."""
 
 from __future__ import annotations
 
 import torch
-
-
-def entropy_bound_accept(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
-    """Accepts, per row, the k lowest-entropy tokens with sum(entropy) - max(entropy) <= entropy_bound
-    (upstream's EntropyBoundSampler rule; at least one token per row). entropy [B, L] -> bool [B, L]."""
-    sorted_entropy, order = torch.sort(entropy, dim=-1)
-    # Sorted ascending, so each prefix's max is its last element.
-    selected = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= entropy_bound
-    return torch.zeros_like(selected).scatter(-1, order, selected)
 
 
 def stable_and_confident(
