@@ -57,10 +57,12 @@ def _sampler_kernel(
         x = tl.load(row_ptr + idx, mask=valid, other=-float("inf")) * inv_t
         block_max = tl.max(x, axis=0)
         m_new = tl.maximum(m, block_max)
-        rescale = tl.exp(m - m_new)
-        e = tl.where(valid, tl.exp(x - m_new), 0.0)
+        # Filtered tokens are -inf (top-k, top-p ...): a finite reference keeps exp() free of inf - inf.
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+        rescale = tl.exp(m - m_ref)
+        e = tl.where(valid, tl.exp(x - m_ref), 0.0)
         s = s * rescale + tl.sum(e, axis=0)
-        t = t * rescale + tl.sum(e * tl.where(valid, x, 0.0), axis=0)
+        t = t * rescale + tl.sum(tl.where(e > 0, e * x, 0.0), axis=0)
         m = m_new
         # First index of the block's max; strict '>' keeps the earliest block on ties.
         block_idx = tl.min(tl.where(x == block_max, idx, V), axis=0)

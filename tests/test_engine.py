@@ -193,3 +193,16 @@ def test_cuda_graph_replay_computes_the_eager_step(tokenizer):
     assert torch.equal(counter_eager, counter_graph)
     assert ((soft_graph - soft_eager).norm() / soft_eager.norm()).item() < 2e-2
     assert (argmax_graph == argmax_eager).float().mean().item() > 0.9
+
+
+def test_sampler_handles_filtered_tokens():
+    """-inf logits (top-k / top-p filters), even whole blocks of them, give finite statistics and are never drawn."""
+    logits = torch.randn(40, 300, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    logits[:, :256] = float("-inf")  # the first block entirely filtered
+    logits[:, 290:] = float("-inf")
+    stats = sample_tokens(logits, *_scalars(1.3, 5, 1), block_v=128)
+    x = (logits * 1.3).double().cpu()
+    assert torch.isfinite(stats.entropy).all() and torch.isfinite(stats.log_norm).all()
+    assert torch.allclose(stats.entropy.cpu().double(), torch.distributions.Categorical(logits=x).entropy(), atol=1e-4)
+    assert ((stats.sampled >= 256) & (stats.sampled < 290)).all()
+    assert stats.argmax.tolist() == x.argmax(-1).tolist()

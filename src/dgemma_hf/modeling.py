@@ -25,6 +25,7 @@ from .generation.checks import (
     resolve_generation_fields,
 )
 from .generation.engine import DenoisingEngine, Settings, resolve_sampling
+from .generation.logits_processing import LogitsSettings
 from .generation.scheduling import resolve_scheduler
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
@@ -84,6 +85,8 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
         scheduler: a `dgemma_hf.schedulers` scheduler (entropy bound, confidence threshold, top-k per step) or
             one of diffusers' DiffusionGemma schedulers; by default the entropy-bound scheduler built from the
             generation config (upstream's sampler). Its `num_inference_steps` is the number of denoising steps.
+        top_k, top_p, min_p, repetition_penalty, presence_penalty: logits processing as in transformers'
+            generate, on the device (penalties over the prompt and the committed canvases).
         sampling: "reference" (upstream's randomness, exactly), "fused" (Triton sampler, static cache, CUDA
             graphs on CUDA) or "auto" (fused on CUDA, reference elsewhere and for diffusers' schedulers).
         seed: the fused sampler's seed; by default drawn from torch's global generator (so
@@ -115,6 +118,7 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
                 "`logits_processor` and `stopping_criteria` are not supported by dgemma_hf's engine; "
                 "use its schedulers and generation settings"
             )
+        logits_settings = LogitsSettings.pop_from(kwargs)
         generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         scheduler = resolve_scheduler(scheduler, generation_config, "max_denoising_steps" in kwargs)
         sampling = resolve_sampling(sampling, input_ids.device, scheduler)
@@ -134,6 +138,7 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
             confidence_threshold=generation_config.confidence_threshold,
             eos_token_id=_as_tuple(generation_config.eos_token_id),
             pad_token_id=generation_config.pad_token_id,
+            logits=logits_settings,
         )
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item()) if sampling == "fused" else 0

@@ -27,6 +27,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from ..schedulers import DiffusersSchedulerAdapter, TextDiffusionScheduler
+from .logits_processing import LogitsProcessing, LogitsSettings
 from .stopping import stable_and_confident
 
 SAMPLING_MODES = ("auto", "reference", "fused")
@@ -45,6 +46,7 @@ class Settings:
     confidence_threshold: float | None
     eos_token_id: tuple[int, ...] | None
     pad_token_id: int | None
+    logits: LogitsSettings = LogitsSettings()
 
     @property
     def adaptive_stopping(self) -> bool:
@@ -106,8 +108,12 @@ class DenoisingEngine:
         self.use_graphs = sampling == "fused" and device.type == "cuda"
         shape = (batch_size, self.canvas_length)
         self.scheduler = settings.scheduler
-        if sampling == "fused":
-            self.inverse_temperatures = (1.0 / self.scheduler.temperatures(device)).float()
+        self.logits_processing = LogitsProcessing(settings.logits, batch_size, self.vocab_size, device)
+        if isinstance(self.scheduler, DiffusersSchedulerAdapter):  # they scale logits themselves
+            temperatures = torch.ones(settings.steps, device=device)
+        else:
+            temperatures = self.scheduler.temperatures(device)
+        self.inverse_temperatures = (1.0 / temperatures).float()
         # Per-step state, updated in place so a captured graph keeps reading and writing the same memory.
         self.canvas = torch.zeros(shape, dtype=torch.long, device=device)
         self.argmax = torch.zeros(shape, dtype=torch.long, device=device)
@@ -177,13 +183,11 @@ class DenoisingEngine:
         soft = soft.to(embed.weight.dtype) * embed.embed_scale.to(embed.weight.dtype)
         return soft.view(*logits.shape[:2], -1)
 
-    def _fused_candidates(self, logits):
+    def _fused_candidates(self, logits, inv_temperature):
         """Fused sampler + the scheduler's acceptance: next canvas, argmax, entropy, log-normaliser."""
         batch, length, vocab = logits.shape
         from ..kernels.sampler import sample_tokens
 
-        # index_select, not [], so the step index stays on the device (indexing by a tensor would read it back).
-        inv_temperature = torch.index_select(self.inverse_temperatures, 0, self.step_index.view(1))
         stats = sample_tokens(logits.view(-1, vocab), inv_temperature, self.seed, self.counter)
         entropy, max_prob = stats.entropy.view(batch, length), stats.max_prob.view(batch, length)
         accepted = self.scheduler.accept(entropy, max_prob, self.step_index)
@@ -202,8 +206,11 @@ class DenoisingEngine:
         """One denoising step: every write goes to the engine's buffers, in place."""
         self.forward_passes += (~(self.finished_denoising | self.finished_sequences)).int()
         logits = self._decoder_logits(decoder_position_ids)
+        # index_select, not [], so the step index stays on the device (indexing by a tensor would read it back).
+        inv_temperature = torch.index_select(self.inverse_temperatures, 0, self.step_index.view(1))
+        logits = self.logits_processing(logits, inv_temperature)
         if self.sampling == "fused":
-            new_canvas, argmax, entropy, extra = self._fused_candidates(logits)
+            new_canvas, argmax, entropy, extra = self._fused_candidates(logits, inv_temperature)
         else:
             new_canvas, argmax, entropy, extra = self._reference_candidates(logits)
         frozen = self.finished_denoising[:, None]
@@ -367,6 +374,8 @@ class DenoisingEngine:
         decoder_attention_mask = torch.nn.functional.pad(attention_mask, (0, length), value=True)
         if streamer is not None:
             streamer.put(input_ids.cpu())
+        self.logits_processing.reset()
+        self.logits_processing.observe(input_ids, attention_mask[:, -initial_length:])
 
         for canvas_index in range(self.canvases):
             # Commit what is new (the prompt, then the last canvas) to the cache with one encoder pass.
@@ -399,6 +408,11 @@ class DenoisingEngine:
                 canvas_length=length, eos_tensor=eos,
             )
             self.finished_sequences.copy_(finished)
+            committed = input_ids[:, -length:]
+            if settings.pad_token_id is not None:
+                self.logits_processing.observe(committed, committed != settings.pad_token_id)
+            else:
+                self.logits_processing.observe(committed, torch.ones_like(committed, dtype=torch.bool))
             if streamer is not None:
                 streamer.put(input_ids[:, -length:].cpu())
             if bool(self.finished_sequences.all()):  # the one host sync of a canvas
