@@ -2,6 +2,7 @@
 
 Same config class, weights, forward and generate semantics as upstream (transformers 5.23); this subclass is
 the one place where dgemma_hf's faster engine, experts and attention backends plug in. Today it adds:
+- the block-diffusion training loss when `forward` gets `labels` (training.py);
 - the "dgemma" experts backend by default (Triton MoE kernels on CUDA, upstream's grouped_mm elsewhere);
 - checkpoint checks before loading (model type, shards, safetensors headers, quantization method);
 - argument checks before generating (empty prompt, context length, ranges of the generation settings).
@@ -15,6 +16,7 @@ from transformers.models.diffusion_gemma import DiffusionGemmaGenerationOutput
 
 from .checkpoint import check_checkpoint, check_quantization_config
 from .quantization.export import check_save_arguments, write_export_files
+from .training import block_diffusion_loss, check_no_training_arguments
 from .quantization.swap import nvfp4_experts_modules
 from .experts import AUTO as AUTO_EXPERTS
 from .generation.checks import (
@@ -36,6 +38,10 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
     # decorator; the experts modules are upstream's, so swapping is supported.
     _can_set_experts_implementation_cached_value = True
 
+    # transformers' Trainer: the training loss is a mean over this batch's target tokens (the Trainer averages it
+    # over gradient-accumulation steps), so the Trainer must not pass `num_items_in_batch`.
+    accepts_loss_kwargs = False
+
     def __init__(self, config):
         super().__init__(config)
         # transformers resolves the default backend on the top config only; the experts read the text config.
@@ -54,6 +60,34 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
             if kwargs.get("quantization_config") is not None:
                 check_quantization_config(kwargs["quantization_config"], "quantization_config argument")
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        *args,
+        labels=None,
+        corruption_rate=None,
+        self_conditioning_prob=None,
+        encoder_loss_weight=None,
+        generator=None,
+        **kwargs,
+    ):
+        """Upstream's forward. With `labels` (the target canvas, [batch, canvas_length], -100 = no loss): the
+        block-diffusion training loss of `dgemma_hf.training.block_diffusion_loss` (`loss`, and the `logits` of
+        the pass it is taken on)."""
+        training = dict(
+            corruption_rate=corruption_rate,
+            self_conditioning_prob=self_conditioning_prob,
+            encoder_loss_weight=encoder_loss_weight,
+            generator=generator,
+        )
+        if labels is None:
+            check_no_training_arguments(**training)
+            return super().forward(input_ids, attention_mask, *args, **kwargs)
+        if args:
+            raise TypeError("with `labels`, pass the arguments after `attention_mask` by keyword")
+        return block_diffusion_loss(self, input_ids, attention_mask, labels, **training, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save_pretrained; an NVFP4 model (its state dict already in ModelOpt's layout, from

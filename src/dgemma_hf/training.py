@@ -130,9 +130,8 @@ def block_diffusion_loss(
     draw_device = generator.device if generator is not None else device
     rates = _corruption_rates(corruption_rate, batch_size, generator, draw_device).to(device)
     decoder_input_ids = corrupt_canvas(labels, rates, vocab_size, generator)
-    self_conditioned = (
-        torch.rand(batch_size, generator=generator, device=draw_device) < self_conditioning_prob
-    ).to(device)
+    draws = torch.rand(batch_size, generator=generator, device=draw_device)
+    self_conditioned = (draws < self_conditioning_prob).to(device)
 
     # 1. The prompt, into a fresh cache; the decoder reads it (read-only) in both passes below.
     encoder_outputs = model.model.encoder(input_ids=input_ids, attention_mask=attention_mask, **encoder_kwargs)
@@ -319,7 +318,7 @@ def _corruption_rates(corruption_rate, batch_size: int, generator, draw_device) 
     elif isinstance(corruption_rate, Real) and not isinstance(corruption_rate, bool):
         rates = torch.full((batch_size,), float(corruption_rate))
     else:
-        raise ValueError(f"`corruption_rate` must be a float in (0, 1] or a tensor of such, got {corruption_rate!r}")
+        raise TypeError(f"`corruption_rate` must be a float in (0, 1] or a tensor of such, got {corruption_rate!r}")
     if not bool(((rates > 0) & (rates <= 1)).all()):
         raise ValueError(f"`corruption_rate` must lie in (0, 1], got {corruption_rate!r}")
     return rates.clone()
