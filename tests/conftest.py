@@ -10,6 +10,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
+# Tests never reach the hub (CI has no network but package registries): offline before transformers loads.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 # Triton kernels run on the CPU through Triton's interpreter; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
