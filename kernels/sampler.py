@@ -3,8 +3,9 @@
 For each row r of `logits` [R, V] (fp32) at inverse temperature `inv_temperature` (a device scalar, so a
 captured CUDA graph can change it between replays), with x = logits[r] * inv_temperature:
 
-- `sampled[r]`: a sample from softmax(x), by Gumbel-max with a counter-based generator (Philox keyed by
-  `seed` and `counter`): the same (seed, counter) gives the same tokens whatever ran before;
+- `sampled[r]`: a sample from softmax(x), by Gumbel-max with a counter-based generator (Philox keyed by the
+  row's seed, `counter` and the row's position among the rows of its seed): the same (seed, counter, position)
+  gives the same tokens whatever ran before and whatever other rows are in the batch;
 - `argmax[r]`: the first index of max(x);
 - `entropy[r]`: H(softmax(x)) = m + log(s) - sum(e * x) / s, with m the max, e = exp(x - m), s = sum(e);
 - `max_prob[r]`: softmax(x)[argmax];
@@ -36,13 +37,13 @@ class TokenStats(NamedTuple):
 def _sampler_kernel(
     logits_ptr, stride_row, inv_temperature_ptr, seed_ptr, counter_ptr,
     sampled_ptr, argmax_ptr, entropy_ptr, max_prob_ptr, log_norm_ptr, noise_ptr,
-    V, BLOCK_V: tl.constexpr,
+    V, ROWS_PER_SEED, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
     inv_t = tl.load(inv_temperature_ptr)
-    seed = tl.load(seed_ptr)
-    # One Philox stream per (counter, row): offsets index the vocabulary, the last one feeds the noise token.
-    stream = tl.load(counter_ptr) * tl.num_programs(0) + row
+    seed = tl.load(seed_ptr + row // ROWS_PER_SEED)
+    # One Philox stream per (seed, counter, position): offsets index the vocabulary, the last one feeds the noise.
+    stream = tl.load(counter_ptr) * ROWS_PER_SEED + row % ROWS_PER_SEED
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     m = -float("inf")
     s = 0.0
@@ -87,24 +88,29 @@ def _sampler_kernel(
 def sample_tokens(
     logits: torch.Tensor,
     inv_temperature: torch.Tensor,
-    seed: torch.Tensor,
+    seeds: torch.Tensor,
     counter: torch.Tensor,
     out: TokenStats | None = None,
     block_v: int = 2048,
 ) -> TokenStats:
-    """Runs the fused sampler on `logits` [R, V] fp32 (rows contiguous). `inv_temperature` (fp32), `seed` and
-    `counter` (int64) are one-element device tensors; `out`, optional, holds preallocated outputs."""
+    """Runs the fused sampler on `logits` [R, V] fp32 (rows contiguous). `inv_temperature` (fp32) and `counter`
+    (int64) are one-element device tensors; `seeds` (int64 [S], S dividing R) gives consecutive groups of
+    R / S rows their own seed (one per sequence of a batch); `out`, optional, holds preallocated outputs."""
     if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or logits.ndim != 2:
         raise TypeError("logits must be a float32 torch.Tensor [rows, vocab]")
     if logits.stride(1) != 1:
         raise ValueError("logits must be contiguous along the vocabulary")
     rows, vocab = logits.shape
     for name, tensor, dtype in (("inv_temperature", inv_temperature, torch.float32),
-                                ("seed", seed, torch.int64), ("counter", counter, torch.int64)):
+                                ("counter", counter, torch.int64)):
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tensor.numel() != 1:
             raise TypeError(f"{name} must be a one-element {dtype} tensor")
         if tensor.device != logits.device:
             raise ValueError(f"{name} is on {tensor.device}, logits on {logits.device}")
+    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.ndim != 1 or not seeds.numel():
+        raise TypeError("seeds must be a 1-D torch.int64 tensor [number of seeds]")
+    if rows % seeds.numel() or seeds.device != logits.device:
+        raise ValueError(f"seeds ({seeds.numel()} on {seeds.device}) must divide the {rows} rows, on {logits.device}")
     if out is None:
         device = logits.device
         out = TokenStats(
@@ -117,7 +123,7 @@ def sample_tokens(
         )
     if rows:
         _sampler_kernel[(rows,)](
-            logits, logits.stride(0), inv_temperature, seed, counter,
-            *out, vocab, BLOCK_V=min(block_v, triton.next_power_of_2(vocab)),
+            logits, logits.stride(0), inv_temperature, seeds, counter,
+            *out, vocab, rows // seeds.numel(), BLOCK_V=min(block_v, triton.next_power_of_2(vocab)),
         )
     return out

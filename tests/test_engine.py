@@ -63,7 +63,7 @@ def test_sampler_checks_inputs():
     logits = torch.randn(2, 10)
     with pytest.raises(TypeError, match="logits must be a float32"):
         sample_tokens(logits.half(), *_scalars(1.0, 0, 0))
-    with pytest.raises(TypeError, match="seed must be a one-element torch.int64"):
+    with pytest.raises(TypeError, match="seeds must be a 1-D torch.int64 tensor"):
         sample_tokens(logits.to(DEVICE), torch.tensor([1.0], device=DEVICE), torch.tensor([1.0], device=DEVICE),
                       torch.tensor([0], device=DEVICE))
 
@@ -90,6 +90,28 @@ def _fused(model, input_ids, **kwargs):
 
 def _on_device(model, *tensors):
     return (model.to(DEVICE), *(t.to(DEVICE) for t in tensors))
+
+
+def test_fused_batch_rows_equal_their_prompts_alone(tokenizer):
+    """A sequence's randomness is keyed by its own seed, canvas, step and position: a batch gives each row what its
+    prompt gives alone with the same seed (global-attention variant: left padding changes nothing there)."""
+    config = variant_config("global_only")
+    model = build_pair(config, tokenizer, seed=6)[0]
+    prompts = ["Why is the sky blue?", "Tom has 3 apples.", "The river runs past the old mill"]
+    input_ids, attention_mask = left_padded_batch(tokenizer, prompts)
+    kwargs = dict(sampling="fused", max_new_tokens=2 * config.canvas_length, max_denoising_steps=3,
+                  eos_token_id=None)
+    batch = model.generate(input_ids, attention_mask=attention_mask, seed=[5, 17, 3], **kwargs)
+    for row, (prompt, seed) in enumerate(zip(prompts, [5, 17, 3])):
+        alone_ids = tokenizer([prompt], return_tensors="pt")["input_ids"]
+        alone = model.generate(alone_ids, seed=seed, **kwargs)
+        assert torch.equal(batch.sequences[row, input_ids.shape[1]:], alone.sequences[0, alone_ids.shape[1]:]), row
+        assert batch.tokens_per_forward[row] == alone.tokens_per_forward[0]
+    shifted = model.generate(input_ids, attention_mask=attention_mask, seed=5, **kwargs)  # rows get 5, 6, 7
+    assert torch.equal(shifted.sequences[0], batch.sequences[0])
+    assert not torch.equal(shifted.sequences[1], batch.sequences[1])
+    with pytest.raises(ValueError, match="must hold 3 integers"):
+        model.generate(input_ids, attention_mask=attention_mask, seed=[1, 2], **kwargs)
 
 
 def test_fused_generate_is_repeatable_and_seeded(tokenizer):

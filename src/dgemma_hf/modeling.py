@@ -111,7 +111,7 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
         stopping_criteria=None,
         scheduler=None,
         sampling: str = "auto",
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
         **kwargs,
     ):
         """Upstream's generate (same arguments, outputs and semantics) on dgemma_hf's engine.
@@ -123,8 +123,10 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
             generate, on the device (penalties over the prompt and the committed canvases).
         sampling: "reference" (upstream's randomness, exactly), "fused" (Triton sampler, static cache, CUDA
             graphs on CUDA) or "auto" (fused on CUDA, reference elsewhere and for diffusers' schedulers).
-        seed: the fused sampler's seed; by default drawn from torch's global generator (so
-            `torch.manual_seed` makes runs repeatable in both modes).
+        seed: the fused sampler's seeds: one per sequence (a list), or an int s giving row i the seed s + i. A
+            sequence's result depends on its seed only, not on the rest of the batch (up to the arithmetic of
+            batched matrix products). By default drawn from torch's global generator, so `torch.manual_seed`
+            makes runs repeatable in both modes (the reference mode uses torch's generator throughout).
         """
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         check_prompt(input_ids, kwargs.get("attention_mask"), past_length)
@@ -174,14 +176,13 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
             pad_token_id=generation_config.pad_token_id,
             logits=logits_settings,
         )
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item()) if sampling == "fused" else 0
+        seeds = _row_seeds(seed, input_ids.shape[0], sampling)
         attention_mask = model_kwargs.pop("attention_mask", None)
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError("`attention_mask` passed to `generate` must be 2D.")
         decoder_input_ids = model_kwargs.pop("decoder_input_ids", None)
         sc_logits = model_kwargs.pop("self_conditioning_logits", None)
-        engine = DenoisingEngine.for_call(self, settings, input_ids.shape[0], prompt_length, sampling, seed)
+        engine = DenoisingEngine.for_call(self, settings, input_ids.shape[0], prompt_length, sampling, seeds)
         sequences, tokens_per_forward, cache = engine.run(
             generation_config, input_ids, attention_mask, past_key_values, decoder_input_ids, sc_logits, streamer,
             prompt_kwargs=model_kwargs,
@@ -191,6 +192,24 @@ class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
         return DiffusionGemmaGenerationOutput(
             sequences=sequences, tokens_per_forward=tokens_per_forward, past_key_values=cache
         )
+
+
+def _row_seeds(seed, batch_size: int, sampling: str) -> list[int]:
+    if seed is None:
+        if sampling != "fused":
+            return [0] * batch_size  # unused: the reference mode follows torch's global generator
+        seed = int(torch.randint(0, 2**40, (1,)).item())
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch_size or not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
+            raise ValueError(f"`seed` as a list must hold {batch_size} integers (one per sequence), got {seed!r}")
+        seeds = list(seed)
+    elif isinstance(seed, int) and not isinstance(seed, bool):
+        seeds = [seed + row for row in range(batch_size)]
+    else:
+        raise TypeError(f"`seed` must be an int, a list of ints or None, got {type(seed).__name__}")
+    if any(not 0 <= s < 2**40 for s in seeds):
+        raise ValueError(f"`seed` values must be in [0, 2**40), got {seeds}")
+    return seeds
 
 
 def _as_tuple(token_ids):

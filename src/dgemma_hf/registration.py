@@ -4,6 +4,7 @@ from transformers import AutoModel, AutoModelForImageTextToText, DiffusionGemmaC
 
 from .experts import register_experts
 from .modeling import DiffusionGemmaForMaskedGeneration
+from .pipelines import register_pipelines
 from .quantization import register_quantizers
 
 
@@ -13,3 +14,4 @@ def register() -> None:
     # exist_ok: the config class is transformers' own, already mapped to upstream's classes.
     for auto_class in (AutoModel, AutoModelForImageTextToText):
         auto_class.register(DiffusionGemmaConfig, DiffusionGemmaForMaskedGeneration, exist_ok=True)
+    register_pipelines()

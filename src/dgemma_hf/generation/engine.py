@@ -81,20 +81,22 @@ class DenoisingEngine:
     same shapes and settings (see `for_call`)."""
 
     @classmethod
-    def for_call(cls, model, settings: Settings, batch_size: int, prompt_length: int, sampling: str, seed: int):
+    def for_call(cls, model, settings: Settings, batch_size: int, prompt_length: int, sampling: str,
+                 seeds: list[int]):
         key = (settings, batch_size, prompt_length, sampling, model.dtype, model.device)
         engine = getattr(model, "_dgemma_engine", None)
         if engine is None or engine.key != key:
-            engine = cls(model, settings, batch_size, prompt_length, sampling, seed)
+            engine = cls(model, settings, batch_size, prompt_length, sampling, seeds)
             engine.key = key
             if sampling == "fused":  # reference engines hold nothing worth keeping
                 model._dgemma_engine = engine
         if sampling == "fused":
-            engine.seed.fill_(seed)
-        engine.seed_value = seed
+            engine.seed.copy_(torch.tensor(seeds))
+        engine.seed_values = seeds
         return engine
 
-    def __init__(self, model, settings: Settings, batch_size: int, prompt_length: int, sampling: str, seed: int):
+    def __init__(self, model, settings: Settings, batch_size: int, prompt_length: int, sampling: str,
+                 seeds: list[int]):
         self.model = model
         self.settings = settings
         self.sampling = sampling
@@ -126,12 +128,12 @@ class DenoisingEngine:
         if sampling == "fused":
             hidden = model.config.text_config.hidden_size
             self.soft = torch.zeros((*shape, hidden), dtype=model.dtype, device=device)
-            self.seed = torch.tensor([seed], dtype=torch.long, device=device)
+            self.seed = torch.tensor(seeds, dtype=torch.long, device=device)  # one per sequence
             self.counter = torch.zeros(1, dtype=torch.long, device=device)
             self.position_ids = torch.zeros((1, self.canvas_length), dtype=torch.long, device=device)
         else:
             self.sc_logits = None
-        self.seed_value = seed
+        self.seed_values = seeds
         self.mask_mapping = None
         self.cache = None
 
@@ -242,7 +244,7 @@ class DenoisingEngine:
 
     # -- canvases ---------------------------------------------------------------------------------------
 
-    def _start_canvas(self, canvas: torch.Tensor, sc_logits) -> None:
+    def _start_canvas(self, canvas: torch.Tensor, sc_logits, canvas_index: int) -> None:
         self.canvas.copy_(canvas)
         self.argmax.copy_(canvas)  # upstream's argmax canvas before the first step
         self.finished_denoising.zero_()
@@ -250,6 +252,9 @@ class DenoisingEngine:
         self.step_index.zero_()
         if self.sampling == "fused":
             self.soft.zero_()
+            # The random streams of a step depend on (sequence seed, canvas, step, position) only, so a sequence
+            # draws the same numbers alone or in any batch.
+            self.counter.fill_(canvas_index << 20)
         else:
             self.sc_logits = sc_logits
             self.host_step = 0
@@ -260,9 +265,12 @@ class DenoisingEngine:
         shape = (self.batch_size, self.canvas_length)
         if self.sampling == "reference":  # upstream's sampler.initialize_canvas, same RNG use
             return torch.randint(0, self.vocab_size, shape, device=self.device)
-        # Counter-based like the steps: the canvas depends on (seed, canvas index) only.
-        generator = torch.Generator(device=self.device).manual_seed(int(self.seed_value) * 1_000_003 + canvas_index)
-        return torch.randint(0, self.vocab_size, shape, device=self.device, generator=generator)
+        # Like the steps: a sequence's canvas depends on (its seed, canvas index) only.
+        rows = []
+        for seed in self.seed_values:
+            generator = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + canvas_index)
+            rows.append(torch.randint(0, self.vocab_size, (self.canvas_length,), device=self.device, generator=generator))
+        return torch.stack(rows)
 
     def _denoise_reference(self, decoder_position_ids, streamer) -> None:
         for _ in range(self.settings.steps):
@@ -360,8 +368,6 @@ class DenoisingEngine:
         self.cache = self.make_cache(past_key_values)
         self.finished_sequences.zero_()
         self.forward_passes.zero_()
-        if self.sampling == "fused":
-            self.counter.zero_()  # a call's random streams depend on its seed only
         eos = None
         if settings.eos_token_id is not None:
             eos = torch.tensor(list(settings.eos_token_id), device=self.device)
@@ -395,7 +401,7 @@ class DenoisingEngine:
                 config=model.config, inputs_embeds=start.unsqueeze(-1), past_key_values=self.cache,
                 decoder_attention_mask=decoder_attention_mask,
             )
-            self._start_canvas(start, sc_logits if canvas_index == 0 else None)
+            self._start_canvas(start, sc_logits if canvas_index == 0 else None, canvas_index)
             if self.sampling == "fused":
                 self._denoise_fused(decoder_position_ids, streamer)
             else:
