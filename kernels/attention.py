@@ -10,17 +10,19 @@ softmax statistics and accumulator, one pass over the keys with an online softma
 - Grouped-query attention without repeated kv heads: a program owns one (batch, kv head) and a block of
   BLOCK_M "packed" rows, row r = (query position r // G, query head r % G of the group), so each K/V tile it
   loads serves all G query heads at once.
-- K doubling as V (`v is k`, or the same storage and strides): the K tile is used for both products, V is
-  never loaded separately.
+- K doubling as V (`v is k`, or the same storage and strides): with DV_SPLIT = 1 the loaded K tile
+  feeds both products and V is never loaded; with DV_SPLIT > 1 a program re-reads its column slice of the K
+  rows it has just loaded (an L1/L2 hit, not a second pass over HBM).
 - D = 512: the [BLOCK_M, D] fp32 accumulator is the register hog. `DV_SPLIT` programs share one (rows,
   kv head) and each accumulates D / DV_SPLIT output columns (QK^T is recomputed per program, the extra
-  programs also fill the GPU at batch 1); the K tile of the full D feeds the dot, Triton splits its
-  reduction into MMA steps.
+  programs also fill the GPU at batch 1); the K tile of the full D feeds the QK^T dot, whose reduction
+  Triton splits into MMA steps. The table below starts D = 512 at DV_SPLIT = 2; the sweep of
+  `eval.attention` measures 1, 2 and 4.
 - Masks: a boolean (True = attend) or additive float mask broadcastable to [B, 1, Lq, Lk], any strides
   (an expanded one is read as is); an additive entry at or below the dtype's lowest finite value (what
   transformers' eager masks use) or -inf counts as masked. Optional causal masking, query i at absolute
   position i + q_offset attending keys j <= i + q_offset, and a sliding window (keys j > i + q_offset -
-  window). A row with no key left gets zeros (no NaN), as PyTorch's SDPA does.
+  window). A row with no key left gets zeros (no NaN), as PyTorch's SDPA does with boolean or -inf masks.
 - Work skipping: with causal/window masking the key loop covers only the blocks the rows can see; with a
   mask, each program first scans its query rows' mask (1 byte per (query, key), against 2 * D bytes per key
   for K) for the first and last allowed key, so left padding and unused static-cache slots cost no MMA.
@@ -42,12 +44,12 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MASK_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LOG2E = 1.4426950408889634
 _INT32_MAX = 2**31 - 1
-_PREPASS_BLOCK_N = 256  # mask scan width; the scan reads bytes, so wide tiles are cheap
+_PREPASS_TILE = 4096  # elements per mask-scan tile (query rows x keys); bytes, so wide tiles are cheap
 
 # Tile sizes per head dim, kept as data: (BLOCK_M packed rows, BLOCK_N keys, DV_SPLIT, num_warps, num_stages).
-# For 2-byte inputs; float32 halves BLOCK_N (and BLOCK_M at D >= 256) to stay inside shared memory.
-# First guesses sized from register/shared-memory budgets (H100: 64K registers, 228 KB shared per SM);
-# `python -m eval.attention --sweep` measures the candidates.
+# bf16/fp16: first guesses that compile for sm_90 without register spills and inside 227 KB of shared memory
+# (checked with Triton's compiler and ptxas -v, no GPU run yet); `python -m eval.attention --sweep` measures
+# the candidates. D = 512: (64, 32, 2, 8, 2) uses 198 registers and 162 KB; DV_SPLIT = 1 spills there.
 _CONFIGS = {
     16: (64, 64, 1, 4, 2),
     32: (64, 64, 1, 4, 2),
@@ -56,15 +58,19 @@ _CONFIGS = {
     256: (64, 64, 1, 8, 2),
     512: (64, 32, 2, 8, 2),
 }
+# float32 runs exact IEEE dots on the CUDA cores (for tests and references, not for speed): small tiles.
+_FP32_CONFIGS = {
+    16: (32, 16, 1, 4, 1),
+    32: (32, 16, 1, 4, 1),
+    64: (32, 16, 1, 8, 1),
+    128: (32, 16, 1, 8, 1),
+    256: (32, 16, 2, 8, 1),
+    512: (32, 16, 2, 8, 1),
+}
 
 
 def pick_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    block_m, block_n, dv_split, num_warps, num_stages = _CONFIGS[head_dim]
-    if dtype == torch.float32:
-        block_n = max(16, block_n // 2)
-        if head_dim >= 256:
-            block_m = max(16, block_m // 2)
-    return block_m, block_n, dv_split, num_warps, num_stages
+    return (_FP32_CONFIGS if dtype == torch.float32 else _CONFIGS)[head_dim]
 
 
 @triton.jit
@@ -76,7 +82,7 @@ def _mask_tile(mask_ptr, offsets, valid, MASK_KIND: tl.constexpr, mask_floor):
     else:
         values = tl.load(mask_ptr + offsets, mask=valid, other=-float("inf")).to(tl.float32)
         allowed = (values > mask_floor) & valid
-        bias = tl.where(allowed, values * 1.4426950408889634, 0.0)
+        bias = tl.where(allowed, values, 0.0) * 1.4426950408889634
     return allowed, bias
 
 
@@ -129,8 +135,8 @@ def _attention_kernel(
         # Scan this program's distinct query rows for the first and last allowed key.
         scan_rows = first_q + tl.arange(0, PRE_M)
         scan_valid = scan_rows <= last_q
-        first_key = Lk
-        last_key = -1
+        first_key = pid_m * 0 + Lk  # int32 tensors from the start (Lk may be specialised to a constant)
+        last_key = pid_m * 0 - 1
         for start in range(lo, hi, PRE_N):
             cols = start + tl.arange(0, PRE_N)
             valid = scan_valid[:, None] & (cols < hi)[None, :]
@@ -164,7 +170,8 @@ def _attention_kernel(
             offsets = q_pos[:, None] * stride_mm + cols[None, :] * stride_mn
             mask_allowed, bias = _mask_tile(m_base, offsets, allowed, MASK_KIND, mask_floor)
             allowed = mask_allowed
-            s = s + bias
+            if MASK_KIND == 2:
+                s = s + bias
         s = tl.where(allowed, s, -float("inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -249,7 +256,7 @@ def flash_attention(
     scaling: multiplies q . k (default 1 / sqrt(D)). causal: query i (absolute position i + q_offset) sees keys
     j <= i + q_offset; sliding_window (with causal only) also drops keys j <= i + q_offset - sliding_window.
     out: optional [B, Hq, Lq, D] tensor of q's dtype with unit last-dim stride (e.g. a transposed view of a
-    [B, Lq, Hq, D] buffer), written in full. config: (BLOCK_M, BLOCK_N, DV_SPLIT, num_warps, num_stages)
+    [B, Lq, Hq, D] buffer), written in full; it must not overlap q, k, v or mask. config: (BLOCK_M, BLOCK_N, DV_SPLIT, num_warps, num_stages)
     overrides the tuned table; bound_by_mask=False skips the mask scan (for benchmarks).
     Pass the same tensor as k and v when K doubles as V: it is then read once.
     """
@@ -267,7 +274,8 @@ def flash_attention(
     group = q_heads // kv_heads
     if scaling is None:
         scaling = 1.0 / math.sqrt(head_dim)
-    _check(isinstance(scaling, (int, float)) and math.isfinite(scaling), f"scaling must be a finite float, got {scaling!r}")
+    _check(isinstance(scaling, (int, float)) and math.isfinite(scaling),
+           f"scaling must be a finite float, got {scaling!r}")
     _check(isinstance(causal, bool), f"causal must be a bool, got {causal!r}")
     _check(isinstance(q_offset, int) and not isinstance(q_offset, bool), f"q_offset must be an int, got {q_offset!r}")
     if sliding_window is not None:
@@ -307,7 +315,9 @@ def flash_attention(
     block_m, block_n, dv_split, num_warps, num_stages = (
         pick_config(head_dim, q.dtype) if config is None else _check_config(config, head_dim))
     v_is_k = v is k or (v.data_ptr() == k.data_ptr() and v.stride() == k.stride())
-    pre_m = triton.next_power_of_2(triton.cdiv(block_m, group) + 1)
+    # The mask scan reads the program's distinct query rows (one more when a block starts mid-group).
+    pre_m = triton.next_power_of_2(triton.cdiv(block_m, group) + (block_m % group != 0))
+    pre_n = max(16, min(512, _PREPASS_TILE // pre_m))
     grid = (triton.cdiv(q_len * group, block_m), batch * kv_heads, dv_split)
     _attention_kernel[grid](
         q, k, v, mask_arg, out,
@@ -318,7 +328,7 @@ def flash_attention(
         out.stride(0), out.stride(1), out.stride(2),
         kv_heads, q_len, kv_len, q_offset, sliding_window or 0, float(scaling) * _LOG2E, mask_floor,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_DV=head_dim // dv_split,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRE_M=pre_m, PRE_N=_PREPASS_BLOCK_N,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRE_M=pre_m, PRE_N=pre_n,
         MASK_KIND=mask_kind, BOUND_BY_MASK=bool(mask_kind and bound_by_mask), CAUSAL=causal,
         WINDOWED=sliding_window is not None, V_IS_K=v_is_k, IEEE_DOT=q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages,

@@ -14,6 +14,7 @@ import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 from transformers.models.diffusion_gemma import DiffusionGemmaGenerationOutput
 
+from .attention import AttentionChecks
 from .checkpoint import check_checkpoint, check_quantization_config
 from .quantization.export import check_save_arguments, write_export_files
 from .training import block_diffusion_loss, check_no_training_arguments
@@ -33,7 +34,7 @@ from .generation.scheduling import resolve_scheduler
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
-class DiffusionGemmaForMaskedGeneration(DiffusionGemmaForBlockDiffusion):
+class DiffusionGemmaForMaskedGeneration(AttentionChecks, DiffusionGemmaForBlockDiffusion):
     # transformers decides whether experts backends can be swapped by grepping the class's module for its
     # decorator; the experts modules are upstream's, so swapping is supported.
     _can_set_experts_implementation_cached_value = True

@@ -2,6 +2,7 @@
 
 from transformers import AutoModel, AutoModelForImageTextToText, DiffusionGemmaConfig
 
+from .attention import register_attention
 from .experts import register_experts
 from .modeling import DiffusionGemmaForMaskedGeneration
 from .pipelines import register_pipelines
@@ -10,6 +11,7 @@ from .quantization import register_quantizers
 
 def register() -> None:
     register_experts()
+    register_attention()
     register_quantizers()
     # exist_ok: the config class is transformers' own, already mapped to upstream's classes.
     for auto_class in (AutoModel, AutoModelForImageTextToText):
