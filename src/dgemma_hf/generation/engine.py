@@ -2,8 +2,8 @@
 
 Same semantics as upstream's generate (transformers 5.23): canvases of `canvas_length` tokens, each committed to
 the KV cache by one encoder pass, each refined by up to `max_denoising_steps` decoder passes that sample tokens,
-accept the confident ones (entropy bound), renoise the rest and stop early when the canvas is stable and
-confident. Two sampling modes:
+accept some (the scheduler's rule; upstream's entropy bound by default), renoise the rest and stop early when the
+canvas is stable and confident. Two sampling modes:
 
 - "reference": torch sampling that consumes the global RNG exactly as upstream does (multinomial, then
   randint for the renoise), a dynamic cache, a host check after every step: identical sequences to upstream
@@ -83,7 +83,9 @@ class DenoisingEngine:
     @classmethod
     def for_call(cls, model, settings: Settings, batch_size: int, prompt_length: int, sampling: str,
                  seeds: list[int]):
-        key = (settings, batch_size, prompt_length, sampling, model.dtype, model.device)
+        # A captured step has the model's kernels baked in: a switch of backend needs a new engine.
+        backends = (model.config.get_text_config()._experts_implementation, model.config._attn_implementation)
+        key = (settings, batch_size, prompt_length, sampling, model.dtype, model.device, backends)
         engine = getattr(model, "_dgemma_engine", None)
         if engine is None or engine.key != key:
             engine = cls(model, settings, batch_size, prompt_length, sampling, seeds)
