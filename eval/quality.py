@@ -186,7 +186,10 @@ def run_quality(args: argparse.Namespace) -> dict:
     if "humaneval" in tasks and not args.allow_code_execution:
         raise ValueError(CODE_EXECUTION_REFUSAL)
     if not args.dgemma_model and not args.ar_model:
-        raise ValueError("--dgemma-model / --ar-model: give at least one model")
+        # The built-in pair (trained on short arithmetic only): a smoke run of the whole harness out of the box.
+        from dgemma_hf.default_model import default_ar_model_path, default_model_path
+
+        args.dgemma_model, args.ar_model = str(default_model_path()), str(default_ar_model_path())
     if args.sweep and not args.dgemma_model:
         raise ValueError("--sweep: sweeps DiffusionGemma settings, so it needs --dgemma-model")
     parse_sweep(args.sweep)  # bad sweeps fail here, before any loading

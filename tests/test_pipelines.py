@@ -69,18 +69,12 @@ def test_model_given_as_a_path_loads_through_automodel(tmp_path):
     assert len(out[0]["generated_text"]) > len("Hello")
 
 
-def test_default_model_is_the_tiny_random_checkpoint_with_a_warning(tmp_path, monkeypatch):
-    monkeypatch.setenv("DGEMMA_HF_CACHE", str(tmp_path))
-    with pytest.warns(UserWarning, match="RANDOM"):
+def test_default_model_is_the_built_in_one_with_a_warning():
+    with pytest.warns(UserWarning, match="trained on short arithmetic only"):
         pipe = pipeline("text-diffusion", device="cpu")
-    assert (tmp_path / "tiny-random" / "config.json").is_file()
-    assert (tmp_path / "tiny-random" / "tokenizer.json").is_file()
     assert type(pipe.model) is DiffusionGemmaForMaskedGeneration
-    assert pipe("Hi", max_new_tokens=16, seed=0)[0]["generated_text"].startswith("Hi")
-    written = (tmp_path / "tiny-random" / "model.safetensors").stat().st_mtime_ns
-    with pytest.warns(UserWarning, match="RANDOM"):
-        pipeline("text-diffusion", device="cpu")  # reused, not rewritten
-    assert (tmp_path / "tiny-random" / "model.safetensors").stat().st_mtime_ns == written
+    out = pipe("Calculate 3 + 4.", seed=0, return_full_text=False)[0]["generated_text"]
+    assert out.strip() and "=" in out  # its answers' shape; their accuracy is tests/test_default_model.py's
 
 
 def test_other_models_are_refused_naming_their_type(tmp_path, tokenizer, model):

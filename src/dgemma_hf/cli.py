@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def default_model_dir() -> Path:
-    """Where the default (tiny, random) model is written on first use."""
-    cache = os.environ.get("DGEMMA_HF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dgemma_hf")
-    return Path(cache) / "tiny-random"
 
 
 def _positive_int(text: str) -> int:
@@ -29,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate text from a prompt")
     generate.add_argument("prompt", help="the prompt (a user message when the tokenizer has a chat template)")
-    generate.add_argument("--model", help="checkpoint folder or hub id (default: a tiny model with random weights)")
+    generate.add_argument("--model", help="checkpoint folder or hub id (default: dgemma_hf's built-in small "
+                          "DiffusionGemma, trained on arithmetic only)")
     generate.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: the model's config")
     generate.add_argument("--steps", type=_positive_int, default=None, help="max denoising steps per canvas")
     generate.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -48,20 +42,14 @@ def run_generate(args: argparse.Namespace) -> str:
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging
 
-    from .tiny import make_tiny_checkpoint
+    from .default_model import DEFAULT_MODEL_DESCRIPTION, default_model_path
 
     logging.disable_progress_bar()  # stdout/stderr carry the answer and the notes, not loading bars
 
     model_path = args.model
     if model_path is None:
-        model_path = default_model_dir()
-        if not (model_path / "config.json").is_file():
-            make_tiny_checkpoint(model_path)
-        print(
-            f"note: no --model given, so this runs the tiny DiffusionGemma at {model_path}; its weights are "
-            "RANDOM and its output is meaningless",
-            file=sys.stderr,
-        )
+        model_path = default_model_path()
+        print(f"note: no --model given, so this runs {DEFAULT_MODEL_DESCRIPTION} ({model_path})", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     torch.manual_seed(args.seed)

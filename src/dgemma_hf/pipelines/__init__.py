@@ -34,12 +34,12 @@ def register_pipelines() -> None:
     from transformers import AutoModel
     from transformers.pipelines import PIPELINE_REGISTRY
 
-    from .common import TinyDefault
+    from .common import BuiltInDefault
 
     if PIPELINE_REGISTRY.supported_tasks.get(TASK, {}).get("impl") is TextDiffusionGenerationPipeline:
         return
     PIPELINE_REGISTRY.register_pipeline(
-        TASK, pipeline_class=TextDiffusionGenerationPipeline, pt_model=AutoModel, default=TinyDefault(), type="text"
+        TASK, pipeline_class=TextDiffusionGenerationPipeline, pt_model=AutoModel, default=BuiltInDefault(), type="text"
     )
 
 

@@ -7,12 +7,8 @@ Everything here runs before any model work and raises a ValueError/TypeError tha
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 import warnings
 from numbers import Integral
-from pathlib import Path
 
 import torch
 
@@ -41,35 +37,18 @@ def check_model(model) -> None:
 
 
 def default_model_path() -> str:
-    """The tiny random DiffusionGemma in the CLI's cache folder, written on first use; warns that it is random."""
-    from ..cli import default_model_dir
-    from ..tiny import make_tiny_checkpoint
+    """dgemma_hf's built-in small DiffusionGemma (trained on arithmetic only), with a warning saying so."""
+    from ..default_model import DEFAULT_MODEL_DESCRIPTION, default_model_path as shipped
 
-    path = default_model_dir()
-    if not (path / "config.json").is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written next to its final place and renamed, so a crash never leaves a half-written default model.
-        scratch = Path(tempfile.mkdtemp(prefix=".tiny-random-", dir=path.parent))
-        try:
-            make_tiny_checkpoint(scratch)
-            if not (path / "config.json").is_file():
-                if path.exists():
-                    shutil.rmtree(path)
-                os.replace(scratch, path)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    warnings.warn(
-        f"no model given: the text-diffusion pipeline uses the tiny DiffusionGemma at {path}, whose weights are "
-        "RANDOM (its text is meaningless); pass model=... for real output",
-        UserWarning,
-        stacklevel=3,
-    )
+    path = shipped()
+    warnings.warn(f"no model given: the text-diffusion pipeline uses {DEFAULT_MODEL_DESCRIPTION} ({path})",
+                  UserWarning, stacklevel=3)
     return str(path)
 
 
-class TinyDefault(dict):
+class BuiltInDefault(dict):
     """The `default` entry of the "text-diffusion" task: transformers reads `default["model"]` only when
-    `pipeline()` gets no model, and only then is the tiny checkpoint written (never at import)."""
+    `pipeline()` gets no model, and only then is the warning given (never at import)."""
 
     def __init__(self):
         super().__init__(model=None)
