@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Gemma4ForCausalLM, Gemma4TextConfig, GenerationConfig, PreTrainedTokenizerFast
 from transformers.models.diffusion_gemma import DiffusionGemmaGenerationConfig
 
 from dgemma_hf.modeling import DiffusionGemmaForMaskedGeneration
-from dgemma_hf.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, tiny_config
+from dgemma_hf.tiny import build_tokenizer, tiny_config
 
 VOCAB_SIZE = 320
 CANVAS_LENGTH = 16
@@ -136,30 +135,8 @@ def load_data(seed: int):
 
 def build_task_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     """Byte-level BPE on the task corpus; digits are split one by one before BPE, so each digit is a token."""
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer=trainer)
-    if backend.get_vocab_size() > VOCAB_SIZE:
-        raise RuntimeError(f"tokenizer grew to {backend.get_vocab_size()} tokens (> {VOCAB_SIZE})")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        bos_token="<bos>",
-        unk_token="<unk>",
-        chat_template=CHAT_TEMPLATE,
-        padding_side="left",
-        model_max_length=DGEMMA_TEXT["max_position_embeddings"],
-    )
+    return build_tokenizer(texts, vocab_size=VOCAB_SIZE, split_digits=True,
+                           model_max_length=DGEMMA_TEXT["max_position_embeddings"])
 
 
 def prompt_ids(tokenizer, question: str) -> list[int]:

@@ -77,21 +77,34 @@ TINY_VISION_CONFIG = {
 }
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Trains a byte-level BPE (vocabulary 512) on the packaged corpus; deterministic, well under a second."""
-    corpus = resources.files("dgemma_hf").joinpath("assets/tiny_corpus.txt").read_text(encoding="utf-8")
+def build_tokenizer(
+    lines: list[str] | None = None,
+    vocab_size: int = TINY_VOCAB_SIZE,
+    split_digits: bool = False,
+    model_max_length: int = TINY_TEXT_CONFIG["max_position_embeddings"],
+) -> PreTrainedTokenizerFast:
+    """Trains a byte-level BPE with Gemma's special tokens and chat template; deterministic, well under a second.
+    By default on the packaged corpus (vocabulary 512); `lines` trains it on other text, `split_digits` makes
+    every digit its own token (for arithmetic)."""
+    if lines is None:
+        corpus = resources.files("dgemma_hf").joinpath("assets/tiny_corpus.txt").read_text(encoding="utf-8")
+        lines = corpus.splitlines(keepends=True)
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(corpus.splitlines(keepends=True), trainer=trainer)
-    if backend.get_vocab_size() > TINY_VOCAB_SIZE:
-        raise RuntimeError(f"tiny tokenizer grew to {backend.get_vocab_size()} tokens (> {TINY_VOCAB_SIZE})")
+    backend.train_from_iterator(lines, trainer=trainer)
+    if backend.get_vocab_size() > vocab_size:
+        raise RuntimeError(f"the tokenizer grew to {backend.get_vocab_size()} tokens (> {vocab_size})")
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
@@ -100,7 +113,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         chat_template=CHAT_TEMPLATE,
         padding_side="left",
-        model_max_length=TINY_TEXT_CONFIG["max_position_embeddings"],
+        model_max_length=model_max_length,
     )
 
 
