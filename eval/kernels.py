@@ -108,11 +108,13 @@ def time_ms(fn) -> dict:
 
 
 def sweep_configs(tokens: int, nvfp4: bool):
-    """Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) around the shape's tile size."""
+    """Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, swap_ab]) around the shape's tile size."""
     small = tokens <= 512
     block_ms = (16, 32) if small else (64, 128)
-    if nvfp4:  # BLOCK_K is fixed by the packing (32)
-        return list(itertools.product(block_ms, (64, 128, 256), (32,), (4,) if small else (4, 8), (3, 5) if small else (3,)))
+    if nvfp4:  # BLOCK_K is a multiple of the packing block (32); swap_ab puts the weights on the MMA's M side
+        if small:
+            return list(itertools.product(block_ms, (64, 128), (128, 256), (4,), (3,), (True, False)))
+        return list(itertools.product(block_ms, (128,), (64, 128), (4, 8), (3,), (True, False)))
     return list(itertools.product(block_ms, (64, 128), (64, 128) if small else (64,), (4,), (3, 4)))
 
 
@@ -166,7 +168,7 @@ def bench_tokens(tokens: int, ceilings: dict, sweep: bool, generator: torch.Gene
             ms = timing.get("graph_ms", timing["launch_ms"])
             row = {
                 "case": name, "tokens": tokens, "experts_hit": hit,
-                "config": list(cfg) if cfg else (list(pick_config(pairs, EXPERTS)) if name.startswith("triton") else None),
+                "config": list(cfg) if cfg else (list(pick_config(pairs, EXPERTS, name.endswith("nvfp4"))) if name.startswith("triton") else None),
                 "rel_err_vs_fp32": err, **timing, "floor_ms": floor(bytes_),
                 "bytes_floor_ms": bytes_ / (ceilings["copy_GBps"] * 1e6), "compute_floor_ms": compute_floor_ms,
                 "x_floor": ms / floor(bytes_),

@@ -8,7 +8,7 @@ Weights are either bf16/fp16 (`gate_up` [E, 2I, H] with gate rows 0..I-1 and up 
 tensor cores). Activations are bf16/fp16 (or fp32, as TF32 on the tensor cores); accumulation is fp32.
 
 Steps, all on the device with shapes fixed by (tokens, top_k, experts), so they can be captured in a CUDA
-graph: `route` sorts the token-expert pairs by expert and builds a tile schedule; `_gate_up_kernel` gathers
+graph: `route` (routing.py, one launch) sorts the token-expert pairs by expert and builds a tile schedule; `_gate_up_kernel` gathers
 each tile's token rows and writes gelu_tanh(gate) * up in expert-sorted order; `_down_kernel` applies the
 routing weight and writes one row per pair; the combine sums each token's top_k rows in a fixed order (no
 float atomics, so results are bitwise reproducible).
@@ -16,11 +16,14 @@ float atomics, so results are bitwise reproducible).
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .routing import route
 
 # Block sizes per shape class, kept as data. Chosen by the mean number of pairs per expert.
 # BLOCK_M: pair rows per tile; BLOCK_N / BLOCK_K: output columns / reduction chunk (bf16 weights; NVFP4
@@ -32,58 +35,26 @@ _CONFIGS = (
     (96, 64, 128, 64, 4, 4),
     (float("inf"), 128, 128, 64, 8, 3),
 )
+# NVFP4 weights, with swap_ab last: the best of `python -m eval.kernels --sweep` on an H200 (2026-11-28) at 256,
+# 1024 and 2048 tokens. Few pairs per expert: weights as the MMA's B operand; more: transposed (swap_ab).
+_NVFP4_CONFIGS = (
+    (8, 16, 64, 128, 4, 3, False),
+    (24, 32, 64, 128, 4, 3, False),
+    (float("inf"), 64, 128, 64, 4, 3, True),
+)
 
 
 # float32 runs the tensor cores in TF32 (Triton's default for a float32 dot).
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-class Routing(NamedTuple):
-    """Expert-sorted pair list and tile schedule (device tensors)."""
-
-    sorted_pairs: torch.Tensor  # int32 [P]: pair ids p = t * top_k + k, grouped by expert, stable
-    expert_offsets: torch.Tensor  # int32 [E + 1]: expert e owns sorted rows offsets[e]:offsets[e+1]
-    tile_expert: torch.Tensor  # int32 [max_tiles]: expert of each tile, -1 past the last tile
-    tile_start: torch.Tensor  # int32 [max_tiles]: first sorted row of each tile
-    block_m: int
-
-
-def pick_config(num_pairs: int, num_experts: int) -> tuple[int, int, int, int, int]:
+def pick_config(num_pairs: int, num_experts: int, nvfp4: bool = False) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), plus swap_ab for NVFP4, by mean pairs per expert."""
     mean = num_pairs / num_experts
-    for limit, *config in _CONFIGS:
+    for limit, *config in _NVFP4_CONFIGS if nvfp4 else _CONFIGS:
         if mean <= limit:
             return tuple(config)
     raise AssertionError("unreachable: the last config has no limit")
-
-
-def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Routing:
-    """Sorts the pairs by expert and tiles each expert's rows in blocks of `block_m`; no host sync."""
-    num_pairs = top_k_index.numel()
-    device = top_k_index.device
-    flat = top_k_index.reshape(-1)
-    # Stable: pairs of one expert keep token order, so the schedule (and the result) is deterministic.
-    sorted_expert, sorted_pairs = torch.sort(flat, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
-    counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int32))
-    expert_offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
-    expert_offsets[1:] = torch.cumsum(counts, 0)
-    tiles = (counts + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles, 0)
-    # Every non-empty expert has at least one tile, and there are at most ceil(P / block_m) + E tiles.
-    max_tiles = min(num_pairs, triton.cdiv(num_pairs, block_m) + num_experts)
-    tile_ids = torch.arange(max_tiles, dtype=torch.int32, device=device)
-    tile_expert = torch.searchsorted(tile_end, tile_ids, right=True).to(torch.int32)
-    valid = tile_expert < num_experts
-    expert = tile_expert.clamp(max=num_experts - 1)
-    first_tile = (tile_end - tiles)[expert]
-    tile_start = expert_offsets[expert] + (tile_ids - first_tile) * block_m
-    return Routing(
-        sorted_pairs=sorted_pairs.to(torch.int32),
-        expert_offsets=expert_offsets,
-        tile_expert=torch.where(valid, tile_expert, -1),
-        tile_start=tile_start.to(torch.int32),
-        block_m=block_m,
-    )
 
 
 @triton.jit
@@ -110,24 +81,113 @@ def _e4m3_to_float(byte):
     return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
 
 
+# Dequantized NVFP4 weights come out as e2m1 * scale * 2^-7 (exact in bf16, fp16 and fp32 for every code and
+# scale); the accumulator gets 2^7 back together with the fp32 global scale. bf16 needs the offset so the scale's
+# range fits (see _decode_bf16); the other dtypes use it too so one epilogue serves all.
+_NVFP4_OFFSET = tl.constexpr(128.0)
+_TWO_POW_119 = tl.constexpr(2.0**119)
+
+
 @triton.jit
-def _nvfp4_block(packed_ptr, scale_ptr, rows, n_mask, k0, K, compute_dtype: tl.constexpr):
-    """Dequantizes weight rows `rows` [BLOCK_N] over the 32 K elements k0 .. k0 + 31 (kernel layout, see
-    `to_kernel_layout`) into two [16, BLOCK_N] tiles: elements k0 .. k0 + 15 (low nibbles) and k0 + 16 ..
-    k0 + 31 (high nibbles), each half under one E4M3 scale per row. E2M1 x E4M3 products are exact in fp16 and
-    bf16, so the tiles are exact; the fp32 global scale is applied to the accumulator."""
-    # K is a multiple of 32 (checked by the wrapper): only the rows need masks.
-    byte_offsets = rows[None, :] * (K // 2) + k0 // 2 + tl.arange(0, 16)[:, None]
-    packed = tl.load(packed_ptr + byte_offsets, mask=n_mask[None, :], other=0).to(tl.int32)
-    scale_offsets = rows * (K // 16) + k0 // 16
-    scale_low = tl.load(scale_ptr + scale_offsets, mask=n_mask, other=0).to(tl.int32)
-    scale_high = tl.load(scale_ptr + scale_offsets + 1, mask=n_mask, other=0).to(tl.int32)
-    # 2^14 undoes _e2m1_scaled's factor; applied to the [BLOCK_N] scales, not to every element.
-    scale_low = _e4m3_to_float(scale_low) * 16384.0
-    scale_high = _e4m3_to_float(scale_high) * 16384.0
-    low = (_e2m1_scaled(packed & 15) * scale_low[None, :]).to(compute_dtype)
-    high = (_e2m1_scaled(packed >> 4) * scale_high[None, :]).to(compute_dtype)
-    return low, high
+def _decode_bf16(packed, scale_low, scale_high):
+    """bf16 fast path, 8 weights per asm block: packed [..] uint8 (byte j: low nibble element j, high nibble element
+    j + 16), scales bf16 holding scale * 2^119 broadcast to packed's shape -> (low, high) bf16 weights.
+
+    A nibble s e e m moved to bf16 bits 15 (sign) and 8..6 (e e m) reads as the E2M1 value * 2^-126, subnormals
+    included (code 1 = 0.5 lands on bf16's subnormal 2^-127), so a decode is two shifts and two masks per pair
+    of weights and one bf16x2 fma applies the scale: value * 2^-126 * scale * 2^119 = value * scale * 2^-7."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t0, t1, a, b, neg0;
+        mov.b32 neg0, 0x80008000;
+        prmt.b32 t0, $4, 0, 0x4140;
+        prmt.b32 t1, $4, 0, 0x4342;
+        shl.b32 a, t0, 12;
+        shl.b32 b, t0, 6;
+        and.b32 a, a, 0x80008000;
+        and.b32 b, b, 0x01C001C0;
+        or.b32 a, a, b;
+        fma.rn.bf16x2 $0, a, $5, neg0;
+        shl.b32 a, t1, 12;
+        shl.b32 b, t1, 6;
+        and.b32 a, a, 0x80008000;
+        and.b32 b, b, 0x01C001C0;
+        or.b32 a, a, b;
+        fma.rn.bf16x2 $1, a, $6, neg0;
+        shl.b32 a, t0, 8;
+        shl.b32 b, t0, 2;
+        and.b32 a, a, 0x80008000;
+        and.b32 b, b, 0x01C001C0;
+        or.b32 a, a, b;
+        fma.rn.bf16x2 $2, a, $7, neg0;
+        shl.b32 a, t1, 8;
+        shl.b32 b, t1, 2;
+        and.b32 a, a, 0x80008000;
+        and.b32 b, b, 0x01C001C0;
+        or.b32 a, a, b;
+        fma.rn.bf16x2 $3, a, $8, neg0;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r,r,r,r,r",
+        args=[packed, scale_low, scale_high],
+        dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def _nvfp4_tile(packed_ptr, scale_ptr, rows, n_mask, k0, K, compute_dtype: tl.constexpr, NB: tl.constexpr,
+                BLOCK_N: tl.constexpr, FAST_BF16: tl.constexpr):
+    """Dequantizes weight rows `rows` [BLOCK_N] over the NB blocks of 32 K elements from k0 (kernel layout, see
+    `to_kernel_layout`) into two [BLOCK_N, NB * 16] tiles: column 16 b + j of `low` is element k0 + 32 b + j and
+    of `high` element k0 + 32 b + 16 + j (the activations are loaded in the same order). Blocks past K are zero."""
+    b = tl.arange(0, NB)
+    j = tl.arange(0, 16)
+    block_ok = k0 + 32 * b < K  # K is a multiple of 32 (checked by the wrapper)
+    byte_offsets = rows[:, None, None] * (K // 2) + k0 // 2 + 16 * b[None, :, None] + j[None, None, :]
+    packed = tl.load(packed_ptr + byte_offsets, mask=n_mask[:, None, None] & block_ok[None, :, None], other=0)
+    scale_offsets = rows[:, None] * (K // 16) + k0 // 16 + 2 * b[None, :]  # [BLOCK_N, NB]
+    scale_mask = n_mask[:, None] & block_ok[None, :]
+    scale_low = _e4m3_to_float(tl.load(scale_ptr + scale_offsets, mask=scale_mask, other=0).to(tl.int32))
+    scale_high = _e4m3_to_float(tl.load(scale_ptr + scale_offsets + 1, mask=scale_mask, other=0).to(tl.int32))
+    if FAST_BF16:
+        # scale * 2^119 is a normal bf16 for every E4M3 scale (2^-9 .. 448).
+        scale_low = tl.broadcast_to((scale_low * _TWO_POW_119).to(tl.bfloat16)[:, :, None], (BLOCK_N, NB, 16))
+        scale_high = tl.broadcast_to((scale_high * _TWO_POW_119).to(tl.bfloat16)[:, :, None], (BLOCK_N, NB, 16))
+        low, high = _decode_bf16(packed, scale_low, scale_high)
+    else:
+        packed = packed.to(tl.int32)
+        # _e2m1_scaled is value * 2^-14; * 2^7 more leaves value * scale * 2^-7.
+        low = (_e2m1_scaled(packed & 15) * (scale_low * 128.0)[:, :, None]).to(compute_dtype)
+        high = (_e2m1_scaled(packed >> 4) * (scale_high * 128.0)[:, :, None]).to(compute_dtype)
+    return tl.reshape(low, (BLOCK_N, NB * 16)), tl.reshape(high, (BLOCK_N, NB * 16))
+
+
+@triton.jit
+def _nvfp4_dot(acc, a_row_ptrs, row_mask, packed_ptr, scale_ptr, w_rows, col_mask, k0, K,
+               NB: tl.constexpr, BLOCK_N: tl.constexpr, FAST_BF16: tl.constexpr, SWAP_AB: tl.constexpr):
+    """One K step (NB blocks of 32) of activations [BLOCK_M rows at a_row_ptrs] x NVFP4 weights [BLOCK_N rows].
+    acc is [BLOCK_M, BLOCK_N], or with SWAP_AB its transpose [BLOCK_N, BLOCK_M]: the weights become the MMA's
+    M side, so a tile of few tokens still fills Hopper's 64-row warpgroup MMA."""
+    r = tl.arange(0, NB * 16)
+    ks = k0 + 32 * (r // 16) + r % 16  # `_nvfp4_tile`'s column order; the high half is 16 further
+    k_ok = ks < K
+    if SWAP_AB:
+        a_low = tl.load(a_row_ptrs[None, :] + ks[:, None], mask=k_ok[:, None] & row_mask[None, :], other=0.0)
+        a_high = tl.load(a_row_ptrs[None, :] + 16 + ks[:, None], mask=k_ok[:, None] & row_mask[None, :], other=0.0)
+    else:
+        a_low = tl.load(a_row_ptrs[:, None] + ks[None, :], mask=row_mask[:, None] & k_ok[None, :], other=0.0)
+        a_high = tl.load(a_row_ptrs[:, None] + 16 + ks[None, :], mask=row_mask[:, None] & k_ok[None, :], other=0.0)
+    low, high = _nvfp4_tile(packed_ptr, scale_ptr, w_rows, col_mask, k0, K, a_low.dtype, NB, BLOCK_N, FAST_BF16)
+    if SWAP_AB:
+        acc = tl.dot(low, a_low, acc)
+        acc = tl.dot(high, a_high, acc)
+    else:
+        acc = tl.dot(a_low, tl.trans(low), acc)
+        acc = tl.dot(a_high, tl.trans(high), acc)
+    return acc
 
 
 @triton.jit
@@ -135,7 +195,8 @@ def _gate_up_kernel(
     x_ptr, sorted_pairs_ptr, expert_offsets_ptr, tile_expert_ptr, tile_start_ptr,
     w_ptr, w_scale_ptr, gate_scale2_ptr, up_scale2_ptr, act_ptr,
     H, I, TOP_K,
-    NVFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NVFP4: tl.constexpr, FAST_BF16: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -151,24 +212,29 @@ def _gate_up_kernel(
     col_mask = cols < I
     gate_rows = expert * 2 * I + cols  # row of gate_up [E * 2I, ...]
     up_rows = gate_rows + I
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_rows = x_ptr + tokens[:, None] * H
     if NVFP4:
-        half = tl.arange(0, 16)
-        for k0 in range(0, H, 32):
-            a_low = tl.load(x_rows + k0 + half[None, :], mask=row_mask[:, None], other=0.0)
-            a_high = tl.load(x_rows + k0 + 16 + half[None, :], mask=row_mask[:, None], other=0.0)
-            g_low, g_high = _nvfp4_block(w_ptr, w_scale_ptr, gate_rows, col_mask, k0, H, a_low.dtype)
-            acc_gate = tl.dot(a_low, g_low, acc_gate)
-            acc_gate = tl.dot(a_high, g_high, acc_gate)
-            u_low, u_high = _nvfp4_block(w_ptr, w_scale_ptr, up_rows, col_mask, k0, H, a_low.dtype)
-            acc_up = tl.dot(a_low, u_low, acc_up)
-            acc_up = tl.dot(a_high, u_high, acc_up)
+        NB: tl.constexpr = BLOCK_K // 32
+        if SWAP_AB:
+            acc_gate = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            acc_gate = _nvfp4_dot(acc_gate, x_ptr + tokens * H, row_mask, w_ptr, w_scale_ptr, gate_rows, col_mask,
+                                  k0, H, NB, BLOCK_N, FAST_BF16, SWAP_AB)
+            acc_up = _nvfp4_dot(acc_up, x_ptr + tokens * H, row_mask, w_ptr, w_scale_ptr, up_rows, col_mask,
+                                k0, H, NB, BLOCK_N, FAST_BF16, SWAP_AB)
+        if SWAP_AB:
+            acc_gate = tl.trans(acc_gate)
+            acc_up = tl.trans(acc_up)
         # Gate and up keep their own global scales (a shared one is a known engine bug).
-        acc_gate = acc_gate * tl.load(gate_scale2_ptr + expert)
-        acc_up = acc_up * tl.load(up_scale2_ptr + expert)
+        acc_gate = acc_gate * (tl.load(gate_scale2_ptr + expert) * _NVFP4_OFFSET)
+        acc_up = acc_up * (tl.load(up_scale2_ptr + expert) * _NVFP4_OFFSET)
     else:
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_rows = x_ptr + tokens[:, None] * H
         for k0 in range(0, H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < H
@@ -188,7 +254,8 @@ def _down_kernel(
     act_ptr, sorted_pairs_ptr, expert_offsets_ptr, tile_expert_ptr, tile_start_ptr, top_k_weights_ptr,
     w_ptr, w_scale_ptr, down_scale2_ptr, out_ptr,
     H, I,
-    NVFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NVFP4: tl.constexpr, FAST_BF16: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -203,18 +270,21 @@ def _down_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < H
     w_rows = expert * H + cols  # row of down [E * H, ...]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_rows = act_ptr + rows[:, None] * I
     if NVFP4:
-        half = tl.arange(0, 16)
-        for k0 in range(0, I, 32):
-            a_low = tl.load(a_rows + k0 + half[None, :], mask=row_mask[:, None], other=0.0)
-            a_high = tl.load(a_rows + k0 + 16 + half[None, :], mask=row_mask[:, None], other=0.0)
-            low, high = _nvfp4_block(w_ptr, w_scale_ptr, w_rows, col_mask, k0, I, a_low.dtype)
-            acc = tl.dot(a_low, low, acc)
-            acc = tl.dot(a_high, high, acc)
-        acc = acc * tl.load(down_scale2_ptr + expert)
+        NB: tl.constexpr = BLOCK_K // 32
+        if SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            acc = _nvfp4_dot(acc, act_ptr + rows * I, row_mask, w_ptr, w_scale_ptr, w_rows, col_mask, k0, I, NB,
+                             BLOCK_N, FAST_BF16, SWAP_AB)
+        if SWAP_AB:
+            acc = tl.trans(acc)
+        acc = acc * (tl.load(down_scale2_ptr + expert) * _NVFP4_OFFSET)
     else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        a_rows = act_ptr + rows[:, None] * I
         for k0 in range(0, I, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < I
@@ -279,14 +349,17 @@ def _run(hidden_states, top_k_index, top_k_weights, num_experts, intermediate, g
     if tokens == 0:
         return out
     num_pairs = tokens * top_k
-    block_m, block_n, block_k, num_warps, num_stages = config or pick_config(num_pairs, num_experts)
+    block_m, block_n, block_k, num_warps, num_stages, *swap = config or pick_config(num_pairs, num_experts, nvfp4)
     if config is None and hidden_states.dtype == torch.float32:
         block_k //= 2  # the table is sized for 2-byte tiles; fp32 ones would overflow shared memory
     routing = route(top_k_index, num_experts, block_m)
     max_tiles = routing.tile_expert.numel()
     act = torch.empty(num_pairs, intermediate, dtype=hidden_states.dtype, device=hidden_states.device)
     pair_out = torch.empty(num_pairs, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
-    common = dict(NVFP4=nvfp4, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    # The bf16 decode is inline PTX, which Triton's CPU interpreter cannot run.
+    fast_bf16 = (nvfp4 and hidden_states.dtype == torch.bfloat16 and hidden_states.is_cuda
+                 and os.environ.get("TRITON_INTERPRET") != "1")
+    common = dict(NVFP4=nvfp4, FAST_BF16=fast_bf16, SWAP_AB=nvfp4 and bool(swap and swap[0]), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                   num_warps=num_warps, num_stages=num_stages)
     _gate_up_kernel[(max_tiles, triton.cdiv(intermediate, block_n))](
         hidden_states, routing.sorted_pairs, routing.expert_offsets, routing.tile_expert, routing.tile_start,
@@ -306,7 +379,7 @@ def moe_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_pr
 
     hidden_states [T, H] bf16/fp16; top_k_index [T, K] int (values in [0, E), not checked: that would sync);
     top_k_weights [T, K] fp32; `out` [T, H], optional, is written in full. `config` (BLOCK_M, BLOCK_N,
-    BLOCK_K, num_warps, num_stages) overrides the tuned table, for benchmarks.
+    BLOCK_K, num_warps, num_stages[, swap_ab]) overrides the tuned table, for benchmarks (swap_ab: NVFP4 only).
     """
     _check_routing_inputs(hidden_states, top_k_index, top_k_weights)
     hidden = hidden_states.shape[1]

@@ -113,11 +113,28 @@ def test_nvfp4_experts_match_dequantized_reference(tokens, top_k, experts, hidde
     assert _rel_err(got.cpu(), want) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", [(16, 32, 64, 4, 2, True), (16, 32, 64, 4, 2, False), (32, 64, 128, 4, 2, True),
+                                    (64, 64, 32, 4, 2, False)])
+def test_nvfp4_tile_orientations_and_k_blocks(config, dtype):
+    """Both MMA orientations (weights as B, or transposed as A) and K steps of 1, 2 and 4 blocks of 32, one of
+    them past the end of K (hidden 96 = 3 blocks)."""
+    generator = torch.Generator().manual_seed(sum(config[:3]))
+    index, weights = _routing(29, 2, 4, "random", generator)
+    x = torch.randn(29, 96, generator=generator).to(dtype)
+    packed, gate_up, down = _nvfp4_experts(4, 96, 64, generator)
+    want = reference_moe(x, index, weights, gate_up, down)
+    packed = NVFP4Experts(*(t.to(DEVICE) for t in packed))
+    got = moe_experts_nvfp4(x.to(DEVICE), index.to(DEVICE), weights.to(DEVICE), packed, config=config)
+    assert _rel_err(got.cpu(), want) < 1e-2
+
+
 def test_route_sorts_stably_and_tiles_every_pair():
     generator = torch.Generator().manual_seed(0)
-    index = torch.randint(0, 5, (23, 3), generator=generator)
-    index[:, 0] = 4  # expert 4 gets at least 23 pairs: several tiles of 8
-    routing = route(index, num_experts=5, block_m=8)
+    index = torch.randint(0, 5, (40, 3), generator=generator)
+    index[:, 0] = 4  # expert 4 gets at least 40 pairs: several tiles of 16
+    routing = route(index.to(DEVICE), num_experts=5, block_m=16)
+    routing = routing._replace(**{name: getattr(routing, name).cpu() for name in routing._fields[:4]})
     flat = index.flatten()
     pairs = routing.sorted_pairs.long()
     assert sorted(pairs.tolist()) == list(range(flat.numel()))
@@ -129,7 +146,7 @@ def test_route_sorts_stably_and_tiles_every_pair():
     covered = []
     for expert, start in zip(routing.tile_expert.tolist(), routing.tile_start.tolist()):
         if expert >= 0:
-            covered += [r for r in range(start, start + 8) if r < offsets[expert + 1]]
+            covered += [r for r in range(start, start + 16) if r < offsets[expert + 1]]
     assert sorted(covered) == list(range(flat.numel()))  # each sorted row in exactly one tile
 
 
