@@ -1,7 +1,7 @@
 """Generation speed benchmark: dgemma_hf's engine against upstream generate(), in one process.
 
     python -m eval.speed [--batch 1,4,8] [--prompt 512] [--new-tokens 512] [--steps 16] [--layers 30]
-                         [--baseline-batch 1] [--out results/speed.json]
+                         [--experts bf16,nvfp4] [--baseline-batch 1] [--out results/speed.json]
 
 DESIGN.md's speed protocol: DiffusionGemma 26B-A4B shapes with random weights built on the GPU (no download;
 `--layers` and the other size options shrink it), adaptive stopping off and a fixed number of denoising steps
@@ -14,6 +14,7 @@ bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -32,13 +33,17 @@ SMALL_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, 
                     num_key_value_heads=2, head_dim=32, position_embedding_size=64)
 
 
-def build_model(layers: int, dtype: torch.dtype, device: str = "cuda"):
+def build_model(layers: int, dtype: torch.dtype, device: str = "cuda", experts: str = "bf16"):
     """Random-weight model built directly on the GPU: parameters start on the meta device, are tied there,
-    then each unique parameter gets GPU memory once (the encoder and decoder share their text weights)."""
+    then each unique parameter gets GPU memory once (the encoder and decoder share their text weights).
+    experts="nvfp4": the routed experts are random bf16 weights quantized on the GPU by the quantize-on-load
+    path (`NVFP4Config`'s converter), one layer at a time."""
     from accelerate import init_empty_weights
     from transformers import DiffusionGemmaConfig
 
     from dgemma_hf import DiffusionGemmaForMaskedGeneration
+    from dgemma_hf.quantization.loading import QuantizeExperts
+    from dgemma_hf.quantization.swap import nvfp4_experts_modules, swap_in_nvfp4_experts
 
     layer_types = [("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(layers)]
     layer_types[-1] = "full_attention"
@@ -46,8 +51,18 @@ def build_model(layers: int, dtype: torch.dtype, device: str = "cuda"):
     config = DiffusionGemmaConfig(text_config=text, vision_config=SMALL_VISION, canvas_length=256)
     with init_empty_weights():
         model = DiffusionGemmaForMaskedGeneration(config)
+    if experts == "nvfp4":
+        swap_in_nvfp4_experts(model, input_scales=False)
     model.tie_weights()
     generator = torch.Generator(device=device).manual_seed(0)
+    for name, module in (nvfp4_experts_modules(model) if experts == "nvfp4" else {}).items():
+        e, i, h = module.num_experts, module.intermediate_dim, module.hidden_dim
+        for target, shape in (("gate_up_packed", (e, 2 * i, h)), ("down_packed", (e, h, i))):
+            dense = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=generator)
+            quantized = QuantizeExperts().convert({f"{name}.{target}": dense}, config=config)
+            for key, tensor in quantized.items():
+                module._buffers[key.rpartition(".")[2]] = tensor
+            del dense, quantized
     real = {}
     for module in model.modules():
         for name, param in list(module._parameters.items()):
@@ -66,13 +81,15 @@ def build_model(layers: int, dtype: torch.dtype, device: str = "cuda"):
 
 
 def text_weight_bytes(model) -> int:
-    """Bytes of the unique text parameters, the ones a decoder step reads (the vision tower excluded)."""
+    """Bytes of the unique text parameters and buffers (NVFP4 experts are buffers), the ones a decoder step
+    reads (the vision tower excluded)."""
     seen, total = set(), 0
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if "vision" in name or id(param) in seen:
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in tensors:
+        if "vision" in name or id(tensor) in seen:
             continue
-        seen.add(id(param))
-        total += param.numel() * param.element_size()
+        seen.add(id(tensor))
+        total += tensor.numel() * tensor.element_size()
     return total
 
 
@@ -93,20 +110,36 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def run_case(model, batch: int, args, upstream: bool) -> dict:
+ENGINES = ("upstream_generate", "dgemma_hf_upstream_layers", "dgemma_hf")
+
+
+def run_case(model, batch: int, args, engine: str) -> dict:
+    """engine: upstream's generate as it ships; dgemma_hf's engine with upstream's decoder layers (what the fused
+    layers add); dgemma_hf as it ships."""
     from transformers import DiffusionGemmaForBlockDiffusion
+
+    from dgemma_hf.fused_decoder import upstream_decoder_layers
 
     generator = torch.Generator(device="cuda").manual_seed(batch)
     input_ids = torch.randint(3, model.config.text_config.vocab_size, (batch, args.prompt), device="cuda",
                               generator=generator)
     kwargs = dict(max_new_tokens=args.new_tokens, max_denoising_steps=args.steps, stability_threshold=None,
                   confidence_threshold=None, eos_token_id=None)
-    if upstream:
+    # A new engine per case: the captured step has the layers' kernels baked in.
+    model._dgemma_engine = None
+    if engine == "upstream_generate":  # upstream's default experts backend (bf16 weights only)
         model.set_experts_implementation("grouped_mm")
-        run = lambda: DiffusionGemmaForBlockDiffusion.generate(model, input_ids, **kwargs)  # noqa: E731
     else:
         model.set_experts_implementation("dgemma")
-        run = lambda: model.generate(input_ids, sampling="fused", seed=0, **kwargs)  # noqa: E731
+
+    def run():
+        if engine == "dgemma_hf":
+            return model.generate(input_ids, sampling="fused", seed=0, **kwargs)
+        with upstream_decoder_layers(model):
+            if engine == "upstream_generate":
+                return DiffusionGemmaForBlockDiffusion.generate(model, input_ids, **kwargs)
+            return model.generate(input_ids, sampling="fused", seed=0, **kwargs)
+
     torch.cuda.reset_peak_memory_stats()
     first_s, out = timed(run)
     times = [timed(run)[0] for _ in range(args.repeats)]
@@ -114,7 +147,8 @@ def run_case(model, batch: int, args, upstream: bool) -> dict:
     new_tokens = out.sequences.shape[1] - args.prompt
     steps = -(-args.new_tokens // model.config.canvas_length) * args.steps
     return {
-        "engine": "upstream_generate" if upstream else "dgemma_hf",
+        "engine": engine,
+        "experts": args.experts_kind,
         "batch": batch,
         "tok_per_s": batch * new_tokens / seconds,
         "seconds": seconds,
@@ -149,11 +183,14 @@ def profile_step(model) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="1,4,8", help="comma-separated batch sizes")
-    parser.add_argument("--baseline-batch", default="1", help="batch sizes that also run upstream generate()")
+    parser.add_argument("--baseline-batch", default="1", help="batch sizes (bf16 experts) that also run upstream "
+                        "generate() and dgemma_hf's engine with upstream's decoder layers")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--experts", default="bf16", help="comma-separated expert weight formats: bf16, nvfp4 "
+                        "(upstream's baseline runs with bf16 only)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true",
                         help="also time one captured decoder step and list the kernels of one step")
@@ -167,31 +204,47 @@ def main(argv=None) -> int:
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
 
+    kinds = args.experts.split(",")
+    if not kinds or any(kind not in ("bf16", "nvfp4") for kind in kinds):
+        raise SystemExit(f"--experts takes bf16 and/or nvfp4, got {args.experts!r}")
+
     bandwidth = copy_bandwidth_gbps()
-    start = time.perf_counter()
-    model = build_model(args.layers, torch.bfloat16)
-    build_s = time.perf_counter() - start
-    floor_ms = text_weight_bytes(model) / (bandwidth * 1e6)
-    report = {"card": torch.cuda.get_device_name(), "copy_GBps": bandwidth, "build_s": build_s,
-              "text_weight_GB": text_weight_bytes(model) / 1e9, "floor_ms_per_step": floor_ms,
-              "settings": vars(args) | {"out": str(args.out)}, "rows": []}
-    for batch in batches:
-        for upstream in ([True] if batch in baseline else []) + [False]:
-            row = run_case(model, batch, args, upstream)
-            row["floor_tok_per_s"] = batch * model.config.canvas_length / args.steps / (floor_ms / 1e3)
-            if args.profile and not upstream:
-                row.update(profile_step(model))
-            report["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            torch.cuda.empty_cache()
+    report = {"card": torch.cuda.get_device_name(), "copy_GBps": bandwidth,
+              "settings": vars(args) | {"out": str(args.out)}, "rows": [], "models": {}}
+    for kind in kinds:
+        args.experts_kind = kind
+        start = time.perf_counter()
+        model = build_model(args.layers, torch.bfloat16, experts=kind)
+        floor_ms = text_weight_bytes(model) / (bandwidth * 1e6)
+        report["models"][kind] = {"build_s": time.perf_counter() - start,
+                                  "text_weight_GB": text_weight_bytes(model) / 1e9, "floor_ms_per_step": floor_ms,
+                                  "weights_on_gpu_GB": torch.cuda.memory_allocated() / 1e9}
+        print(json.dumps({kind: report["models"][kind]}), flush=True)
+        for batch in batches:
+            engines = ENGINES if batch in baseline and kind == "bf16" else ENGINES[-1:]
+            for engine in engines:
+                row = run_case(model, batch, args, engine)
+                row["floor_ms_per_step"] = floor_ms
+                row["floor_tok_per_s"] = batch * model.config.canvas_length / args.steps / (floor_ms / 1e3)
+                if args.profile and engine == "dgemma_hf":
+                    row.update(profile_step(model))
+                report["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                torch.cuda.empty_cache()
+        del model
+        gc.collect()  # the engine and the model refer to each other
+        torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"{report['card']}: copy {bandwidth:.0f} GB/s; text weights {report['text_weight_GB']:.1f} GB, "
-          f"floor {floor_ms:.1f} ms per decoder step")
-    print(f"{'engine':18s} {'batch':>5s} {'tok/s':>8s} {'ms/step':>8s} {'first s':>8s} {'peak GB':>8s} {'floor tok/s':>11s}")
+    print(f"{report['card']}: copy {bandwidth:.0f} GB/s")
+    for kind, facts in report["models"].items():
+        print(f"  {kind} experts: text weights {facts['text_weight_GB']:.1f} GB, floor {facts['floor_ms_per_step']:.1f} ms "
+              "per decoder step")
+    print(f"{'engine':26s} {'experts':>7s} {'batch':>5s} {'tok/s':>8s} {'ms/step':>8s} {'first s':>8s} {'peak GB':>8s} "
+          f"{'floor tok/s':>11s}")
     for r in report["rows"]:
-        print(f"{r['engine']:18s} {r['batch']:5d} {r['tok_per_s']:8.0f} {r['ms_per_step']:8.1f} {r['first_call_s']:8.1f} "
-              f"{r['peak_gb']:8.1f} {r['floor_tok_per_s']:11.0f}")
+        print(f"{r['engine']:26s} {r['experts']:>7s} {r['batch']:5d} {r['tok_per_s']:8.0f} {r['ms_per_step']:8.1f} "
+              f"{r['first_call_s']:8.1f} {r['peak_gb']:8.1f} {r['floor_tok_per_s']:11.0f}")
     return 0
 
 

@@ -28,6 +28,9 @@ from dgemma_hf.tiny import make_tiny_checkpoint, tiny_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+# Whole-model fp32 logits: CPU kernels reproduce upstream's to ~1e-6; on a GPU, cuBLAS and the attention
+# kernels sum in other orders (up to 1.4e-3 on encoder states of magnitude ~3 seen on an H200).
+FP32_TOLERANCE = 2e-5 if DEVICE == "cpu" else 3e-3
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # relative (Frobenius)
 SMALL = (16, 16, 1, 4, 1)  # tiny tiles: several blocks even at the short lengths the interpreter can afford
 
@@ -241,7 +244,9 @@ def test_registered_with_transformers():
 
 
 def _prefill_and_steps(model, config, input_ids, attention_mask, canvases):
-    """Encoder prefill + first decoder pass on a padded batch, then a decoder step over the cache."""
+    """Encoder prefill + first decoder pass on a padded batch, then a decoder step over the cache (on DEVICE)."""
+    model = model.to(DEVICE)
+    input_ids, attention_mask, canvases = input_ids.to(DEVICE), attention_mask.to(DEVICE), [c.to(DEVICE) for c in canvases]
     decoder_attention_mask = F.pad(attention_mask, (0, config.canvas_length), value=1)
     cache = DynamicCache(config=config.get_text_config(decoder=True))
     prefill = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
@@ -282,7 +287,7 @@ def test_model_logits_match_upstream_fp32(variant, name, tokenizer):
         got = _prefill_and_steps(_with_attention(ours, name), config, input_ids, attention_mask, canvases)
     for key in want:
         assert torch.isfinite(got[key]).all(), key
-        assert (got[key] - want[key]).abs().max().item() <= 2e-5, key
+        assert (got[key] - want[key]).abs().max().item() <= FP32_TOLERANCE, key
 
 
 @pytest.mark.parametrize("name", [AUTO, TRITON])
@@ -300,7 +305,7 @@ def test_model_logits_match_upstream_without_masks(name, tokenizer):
         want = _prefill_and_steps(upstream, config, input_ids, attention_mask, canvases)
         got = _prefill_and_steps(_with_attention(ours, name), config, input_ids, attention_mask, canvases)
     for key in want:
-        assert (got[key] - want[key]).abs().max().item() <= 2e-5, key
+        assert (got[key] - want[key]).abs().max().item() <= FP32_TOLERANCE, key
 
 
 def test_model_logits_fp16_through_the_kernel(tokenizer):
@@ -320,7 +325,8 @@ def test_model_logits_fp16_through_the_kernel(tokenizer):
         ours_err = (got[key].float() - exact[key]).abs().max().item()
         upstream_err = (upstream16[key].float() - exact[key]).abs().max().item()
         assert ours_err <= 1.25 * upstream_err + 5e-3, key
-        assert (got[key].float() - upstream16[key].float()).abs().max().item() < 0.1 * exact[key].abs().max(), key
+        if DEVICE == "cpu":  # on a GPU both fp16 models drift far from fp32 (routing flips), so only the bound above
+            assert (got[key].float() - upstream16[key].float()).abs().max().item() < 0.1 * exact[key].abs().max(), key
 
 
 @pytest.mark.parametrize("name", [AUTO, TRITON])
@@ -328,13 +334,13 @@ def test_generate_matches_upstream(name, tokenizer):
     """generate() (our engine: its own masks and cache) with our attention gives upstream's sequences."""
     config = variant_config("default")
     ours, upstream = build_pair(config, tokenizer, seed=11)
-    input_ids, attention_mask = left_padded_batch(tokenizer, PROMPTS)
-    fast = _with_attention(ours, name)
+    input_ids, attention_mask = (t.to(DEVICE) for t in left_padded_batch(tokenizer, PROMPTS))
+    fast = _with_attention(ours, name).to(DEVICE)
     outputs = []
-    for model in (upstream, fast):
+    for model, extra in ((upstream.to(DEVICE), {}), (fast, {"sampling": "reference"})):
         torch.manual_seed(99)
         outputs.append(model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=2 * config.canvas_length,
-                                      max_denoising_steps=3, eos_token_id=None))
+                                      max_denoising_steps=3, eos_token_id=None, **extra))
     assert torch.equal(outputs[0].sequences, outputs[1].sequences)
     assert torch.equal(outputs[0].tokens_per_forward, outputs[1].tokens_per_forward)
 

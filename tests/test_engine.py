@@ -96,17 +96,17 @@ def test_fused_batch_rows_equal_their_prompts_alone(tokenizer):
     """A sequence's randomness is keyed by its own seed, canvas, step and position: a batch gives each row what its
     prompt gives alone with the same seed (global-attention variant: left padding changes nothing there)."""
     config = variant_config("global_only")
-    model = build_pair(config, tokenizer, seed=6)[0]
     prompts = ["Why is the sky blue?", "Tom has 3 apples.", "The river runs past the old mill"]
-    input_ids, attention_mask = left_padded_batch(tokenizer, prompts)
+    model, input_ids, attention_mask = _on_device(build_pair(config, tokenizer, seed=6)[0],
+                                                  *left_padded_batch(tokenizer, prompts))
     kwargs = dict(sampling="fused", max_new_tokens=2 * config.canvas_length, max_denoising_steps=3,
                   eos_token_id=None)
     batch = model.generate(input_ids, attention_mask=attention_mask, seed=[5, 17, 3], **kwargs)
     for row, (prompt, seed) in enumerate(zip(prompts, [5, 17, 3])):
-        alone_ids = tokenizer([prompt], return_tensors="pt")["input_ids"]
+        alone_ids = tokenizer([prompt], return_tensors="pt")["input_ids"].to(DEVICE)
         alone = model.generate(alone_ids, seed=seed, **kwargs)
         assert torch.equal(batch.sequences[row, input_ids.shape[1]:], alone.sequences[0, alone_ids.shape[1]:]), row
-        assert batch.tokens_per_forward[row] == alone.tokens_per_forward[0]
+        assert batch.tokens_per_forward[row].item() == alone.tokens_per_forward[0].item()
     shifted = model.generate(input_ids, attention_mask=attention_mask, seed=5, **kwargs)  # rows get 5, 6, 7
     assert torch.equal(shifted.sequences[0], batch.sequences[0])
     assert not torch.equal(shifted.sequences[1], batch.sequences[1])
@@ -192,6 +192,10 @@ def test_cuda_graph_replay_computes_the_eager_step(tokenizer):
     captured cuBLAS kernels may differ from the eager ones in the last bits, so closeness, not identity)."""
     config = variant_config("default")
     model = build_pair(config, tokenizer, seed=5)[0].to("cuda", torch.bfloat16)
+    # Random routers score experts nearly alike, so a last-bit difference flips a token's experts; wide margins
+    # keep the comparison about the graph, not about ties.
+    for layer in model.model.decoder.layers:
+        layer.router.proj.weight.data *= 30
     input_ids, attention_mask = left_padded_batch(tokenizer, ["Why is the sky blue?", "Tom has 3 apples."])
     kwargs = dict(attention_mask=attention_mask.cuda(), max_new_tokens=3 * config.canvas_length,
                   max_denoising_steps=6, seed=9, sampling="fused")
@@ -210,7 +214,8 @@ def test_cuda_graph_replay_computes_the_eager_step(tokenizer):
         step()
         return engine.soft.float().clone(), engine.argmax.clone(), engine.counter.clone()
 
-    soft_eager, argmax_eager, counter_eager = run(lambda: engine.step(engine.position_ids))
+    with engine.self_conditioning_input():  # as inside generate()
+        soft_eager, argmax_eager, counter_eager = run(lambda: engine.step(engine.position_ids))
     soft_graph, argmax_graph, counter_graph = run(engine._captured.replay)
     assert torch.equal(counter_eager, counter_graph)
     assert ((soft_graph - soft_eager).norm() / soft_eager.norm()).item() < 2e-2

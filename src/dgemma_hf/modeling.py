@@ -4,6 +4,7 @@ Same config class, weights, forward and generate semantics as upstream (transfor
 the one place where dgemma_hf's faster engine, experts and attention backends plug in. Today it adds:
 - the block-diffusion training loss when `forward` gets `labels` (training.py);
 - the "dgemma" experts backend by default (Triton MoE kernels on CUDA, upstream's grouped_mm elsewhere);
+- decoder layers whose inference forward runs in three fused regions (fused_decoder.py);
 - checkpoint checks before loading (model type, shards, safetensors headers, quantization method);
 - argument checks before generating (empty prompt, context length, ranges of the generation settings).
 """
@@ -20,6 +21,7 @@ from .quantization.export import check_save_arguments, write_export_files
 from .training import block_diffusion_loss, check_no_training_arguments
 from .quantization.swap import nvfp4_experts_modules
 from .experts import AUTO as AUTO_EXPERTS
+from .fused_decoder import use_fused_decoder_layers
 from .generation.checks import (
     check_canvas,
     check_context,
@@ -47,6 +49,7 @@ class DiffusionGemmaForMaskedGeneration(AttentionChecks, DiffusionGemmaForBlockD
         super().__init__(config)
         # transformers resolves the default backend on the top config only; the experts read the text config.
         self.set_experts_implementation(self.config._experts_implementation)
+        use_fused_decoder_layers(self)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # Unless the caller names one, experts run on dgemma_hf's dispatcher: Triton kernels on CUDA,

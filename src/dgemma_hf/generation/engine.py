@@ -19,6 +19,7 @@ The engine knows the order of calls; the arithmetic is upstream's modules, our k
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -347,16 +348,22 @@ class DenoisingEngine:
     def run(self, generation_config, input_ids, attention_mask, past_key_values, decoder_input_ids, sc_logits,
             streamer, prompt_kwargs):
         """The canvas loop; `prompt_kwargs` (e.g. pixel_values) go to the prompt's encoder pass."""
-        if self.sampling != "fused":
+        with self.self_conditioning_input():
             return self._run(generation_config, input_ids, attention_mask, past_key_values, decoder_input_ids,
                              sc_logits, streamer, prompt_kwargs)
-        # The decoder reads the soft embedding (not logits) as its self-conditioning input.
+
+    @contextlib.contextmanager
+    def self_conditioning_input(self):
+        """Fused mode: while open, the decoder reads the soft embedding (not logits) as its self-conditioning
+        input. Every decoder step of the engine runs inside it."""
+        if self.sampling != "fused":
+            yield
+            return
         hook = self.model.model.decoder.self_conditioning.register_forward_pre_hook(
             lambda module, args: (args[0], self.soft)
         )
         try:
-            return self._run(generation_config, input_ids, attention_mask, past_key_values, decoder_input_ids,
-                             sc_logits, streamer, prompt_kwargs)
+            yield
         finally:
             hook.remove()
 

@@ -1,0 +1,160 @@
+"""The decoder layer as three fused regions around attention and the experts.
+
+Upstream's decoder layer launches ~160 small kernels per step (eleven fp32 RMSNorms of ~9 kernels each, rotary
+embeddings, routing softmax/top-k, residuals); at batch 1 they cost more than the expert GEMMs. The layer's
+forward here computes upstream's arithmetic op for op, cut into three pure functions of tensors:
+
+1. `attention_inputs`: input norm, q/k/v projections, q/k/v norms, rotary embeddings;
+2. `feed_forward`: o_proj, post-attention norm and residual, dense MLP, router, experts' input norm;
+3. `layer_output`: the experts' output norm, the sum with the MLP branch, the last norm, residual, layer scalar.
+
+Attention (with the cache read) and the experts stay outside, on their backends. On CUDA each region is
+compiled once by torch.compile (inductor fuses the elementwise chains); the regions touch no layer index, so
+every layer of one attention type shares one compiled graph. Elsewhere the regions run eagerly (tests check
+them bit for bit against upstream's layer). Training, gradients and configurations the regions do
+not cover (attention biases, output recording) take upstream's forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from transformers.models.diffusion_gemma import modeling_diffusion_gemma as upstream
+
+_COMPILED: dict = {}
+
+
+def rms_norm(x, weight, eps):
+    """Upstream's DiffusionGemmaRMSNorm.forward as a function of tensors (weight None: the unscaled norm)."""
+    x32 = x.float()
+    normed = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        normed = normed * weight.float()
+    return normed.type_as(x)
+
+
+def attention_inputs(hidden_states, input_norm, q_proj, k_proj, v_proj, q_norm, k_norm, cos, sin, eps, head_dim):
+    """Upstream's input norm and the first half of DiffusionGemmaDecoderTextAttention.forward."""
+    normed = rms_norm(hidden_states, input_norm, eps)
+    shape = (*normed.shape[:-1], -1, head_dim)
+    query = rms_norm(F.linear(normed, q_proj).view(shape), q_norm, eps)
+    query = upstream.apply_rotary_pos_emb(query, cos, sin, unsqueeze_dim=2).transpose(1, 2)
+    key = F.linear(normed, k_proj).view(shape)
+    value = F.linear(normed, v_proj).view(shape) if v_proj is not None else key
+    key = upstream.apply_rotary_pos_emb(rms_norm(key, k_norm, eps), cos, sin, unsqueeze_dim=2).transpose(1, 2)
+    value = rms_norm(value, None, eps).transpose(1, 2)
+    return query, key, value
+
+
+def feed_forward(attn_output, residual, weights, eps, scalar_root, top_k):
+    """o_proj, post-attention norm and residual, the dense MLP (GELU-tanh), the experts' input norm and
+    upstream's DiffusionGemmaTextRouter.forward."""
+    hidden_states = F.linear(attn_output.reshape(*residual.shape[:-1], -1), weights["o_proj"])
+    residual = residual + rms_norm(hidden_states, weights["post_attention_norm"], eps)
+    x = rms_norm(residual, weights["pre_feedforward_norm"], eps)
+    mlp = F.gelu(F.linear(x, weights["gate_proj"]), approximate="tanh") * F.linear(x, weights["up_proj"])
+    dense = rms_norm(F.linear(mlp, weights["down_proj"]), weights["post_feedforward_norm_1"], eps)
+    flat = residual.reshape(-1, residual.shape[-1])
+    experts_input = rms_norm(flat, weights["pre_feedforward_norm_2"], eps)
+    scores = F.linear(rms_norm(flat, None, eps) * weights["router_scale"] * scalar_root, weights["router_proj"])
+    top_k_weights, top_k_index = torch.topk(F.softmax(scores, dim=-1, dtype=torch.float32), k=top_k, dim=-1)
+    top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+    top_k_weights = top_k_weights * weights["per_expert_scale"][top_k_index]
+    return residual, dense, experts_input, top_k_weights, top_k_index
+
+
+def layer_output(residual, dense, experts_output, post_feedforward_norm_2, post_feedforward_norm, layer_scalar, eps):
+    experts_output = rms_norm(experts_output.reshape(residual.shape), post_feedforward_norm_2, eps)
+    hidden_states = residual + rms_norm(dense + experts_output, post_feedforward_norm, eps)
+    hidden_states *= layer_scalar  # in place, as upstream: keeps the activations' dtype (the scalar is fp32)
+    return hidden_states
+
+
+def _region(function, device: torch.device):
+    if device.type != "cuda":
+        return function
+    if function not in _COMPILED:
+        # Shapes are fixed per (batch, canvas, attention type): static shapes. Past dynamo's recompile limit
+        # (many models or batch sizes in one process) a region runs eagerly, still correct.
+        _COMPILED[function] = torch.compile(function, dynamic=False)
+    return _COMPILED[function]
+
+
+def fused_regions_apply(layer, hidden_states, kwargs) -> bool:
+    config = layer.config
+    return (
+        not torch.is_grad_enabled()
+        and not layer.training
+        and not config.attention_bias
+        and config.hidden_activation == "gelu_pytorch_tanh"
+        and not kwargs.get("output_attentions", False)
+        and hidden_states.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    )
+
+
+class FusedDecoderLayer(upstream.DiffusionGemmaDecoderTextLayer):
+    """Upstream's decoder layer with a fused forward for inference (same parameters, same state dict).
+    `DiffusionGemmaForMaskedGeneration` gives its decoder layers this class when it is built. The regions take
+    plain tensors, not modules: per-module objects (e.g. each activation's functools.partial) would make dynamo
+    compile one graph per layer."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
+                past_key_values=None, **kwargs):
+        if not fused_regions_apply(self, hidden_states, kwargs):
+            return super().forward(hidden_states, position_embeddings, attention_mask, position_ids,
+                                   past_key_values, **kwargs)
+        device, eps = hidden_states.device, self.config.rms_norm_eps
+        attn, router = self.self_attn, self.router
+        cos, sin = position_embeddings
+        query, key, value = _region(attention_inputs, device)(
+            hidden_states, self.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight,
+            None if attn.v_proj is None else attn.v_proj.weight, attn.q_norm.weight, attn.k_norm.weight, cos, sin,
+            eps, attn.head_dim,
+        )
+        if past_key_values is not None:
+            key, value = attn.append_to_cache(past_key_values, key, value)
+        attention = upstream.ALL_ATTENTION_FUNCTIONS.get_interface(
+            attn.config._attn_implementation, upstream.eager_attention_forward
+        )
+        attn_output, _ = attention(
+            attn, query, key, value, attention_mask, dropout=0.0, scaling=attn.scaling,
+            sliding_window=attn.sliding_window, is_causal=attn.is_causal, **kwargs,
+        )
+        weights = {
+            "o_proj": attn.o_proj.weight, "post_attention_norm": self.post_attention_layernorm.weight,
+            "pre_feedforward_norm": self.pre_feedforward_layernorm.weight, "gate_proj": self.mlp.gate_proj.weight,
+            "up_proj": self.mlp.up_proj.weight, "down_proj": self.mlp.down_proj.weight,
+            "post_feedforward_norm_1": self.post_feedforward_layernorm_1.weight,
+            "pre_feedforward_norm_2": self.pre_feedforward_layernorm_2.weight, "router_scale": router.scale,
+            "router_proj": router.proj.weight, "per_expert_scale": router.per_expert_scale,
+        }
+        residual, dense, experts_input, top_k_weights, top_k_index = _region(feed_forward, device)(
+            attn_output, hidden_states, weights, eps, router.scalar_root_size, router.config.top_k_experts
+        )
+        experts_output = self.experts(experts_input, top_k_index, top_k_weights)
+        return _region(layer_output, device)(
+            residual, dense, experts_output, self.post_feedforward_layernorm_2.weight,
+            self.post_feedforward_layernorm.weight, self.layer_scalar, eps,
+        )
+
+
+def use_fused_decoder_layers(model) -> None:
+    """Gives the decoder's layers the fused forward (parameters and buffers untouched)."""
+    for layer in model.model.decoder.layers:
+        if type(layer) is upstream.DiffusionGemmaDecoderTextLayer:
+            layer.__class__ = FusedDecoderLayer
+
+
+@contextlib.contextmanager
+def upstream_decoder_layers(model):
+    """While open, the decoder's layers run upstream's forward (e.g. to time upstream's generate as it ships)."""
+    layers = [layer for layer in model.model.decoder.layers if type(layer) is FusedDecoderLayer]
+    for layer in layers:
+        layer.__class__ = upstream.DiffusionGemmaDecoderTextLayer
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__class__ = FusedDecoderLayer
