@@ -17,6 +17,7 @@ from transformers.models.diffusion_gemma import DiffusionGemmaGenerationOutput
 
 from .attention import AttentionChecks
 from .checkpoint import check_checkpoint, check_quantization_config
+from .distributed import model_devices, prepare_generate, resolve_parallel_plans
 from .quantization.export import check_save_arguments, write_export_files
 from .training import block_diffusion_loss, check_no_training_arguments
 from .quantization.swap import nvfp4_experts_modules
@@ -64,6 +65,10 @@ class DiffusionGemmaForMaskedGeneration(AttentionChecks, DiffusionGemmaForBlockD
             if kwargs.get("quantization_config") is not None:
                 check_quantization_config(kwargs["quantization_config"], "quantization_config argument")
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def _resolve_parallel_plans(self, distributed_config):
+        # tp_plan="auto" / DistributedConfig under torchrun: dgemma_hf.distributed's plans (both text stacks, EP).
+        return resolve_parallel_plans(self, distributed_config, super()._resolve_parallel_plans)
 
     def forward(
         self,
@@ -161,7 +166,8 @@ class DiffusionGemmaForMaskedGeneration(AttentionChecks, DiffusionGemmaForBlockD
         logits_settings = LogitsSettings.pop_from(kwargs)
         generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         scheduler = resolve_scheduler(scheduler, generation_config, "max_denoising_steps" in kwargs)
-        sampling = resolve_sampling(sampling, input_ids.device, scheduler)
+        sampling = resolve_sampling(sampling, input_ids.device, scheduler, one_device=len(model_devices(self)) <= 1)
+        prepare_generate(self, input_ids, sampling)  # device maps; same prompt and random state on every rank
         if past_key_values is not None and generation_config.cache_implementation is not None:
             raise ValueError("Cannot provide both `past_key_values` and `generation_config.cache_implementation`.")
         if sampling == "fused" and generation_config.cache_implementation not in (None, "static"):

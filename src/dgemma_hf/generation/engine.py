@@ -58,12 +58,13 @@ class Settings:
         return self.scheduler.steps
 
 
-def resolve_sampling(sampling: str, device: torch.device, scheduler) -> str:
+def resolve_sampling(sampling: str, device: torch.device, scheduler, one_device: bool = True) -> str:
+    """`one_device`: False for a model that device_map split over several devices (no one-device graph)."""
     if sampling not in SAMPLING_MODES:
         raise ValueError(f"`sampling` must be one of {SAMPLING_MODES}, got {sampling!r}")
     diffusers_scheduler = isinstance(scheduler, DiffusersSchedulerAdapter)
     if sampling == "auto":
-        return "fused" if device.type == "cuda" and not diffusers_scheduler else "reference"
+        return "fused" if device.type == "cuda" and not diffusers_scheduler and one_device else "reference"
     if sampling == "fused" and diffusers_scheduler:
         raise ValueError(
             f"diffusers' {type(scheduler.scheduler).__name__} runs with sampling='reference' (its steps read values "
@@ -180,6 +181,8 @@ class DenoisingEngine:
         """softmax(logits * inv_temperature) @ embedding * embed_scale, rebuilt chunk by chunk from the
         sampler's log-normaliser, so no second [batch, canvas, vocab] tensor exists."""
         embed = self.model.model.decoder.embed_tokens
+        if getattr(embed, "vocab_shard", None) is not None:  # vocabulary split over ranks (dgemma_hf.distributed)
+            return embed.vocab_shard.soft_embedding(logits, inv_temperature, log_norm, _SOFT_CHUNK)
         rows = logits.view(-1, logits.shape[-1])
         soft = torch.zeros(rows.shape[0], embed.weight.shape[1], dtype=torch.float32, device=rows.device)
         for start in range(0, rows.shape[1], _SOFT_CHUNK):
