@@ -6,9 +6,15 @@ r"""`python -m eval.quality`: DiffusionGemma against an autoregressive model on 
 
 Runs every item of every task through the autoregressive model (greedy) and through DiffusionGemma once
 per setting of the sweep (the cartesian product; without --sweep, the checkpoint's own steps and entropy
-bound), one item at a time. Each finished item is appended to OUT/items.jsonl, so an interrupted run
-continues with --resume. Then it scores the items with the local metrics and writes OUT/results.json,
-OUT/report.md, OUT/quality_vs_speed.png and OUT/accuracy_by_task.png.
+bound), one item at a time. DiffusionGemma stops canvases adaptively with its generation config's
+stability_threshold and confidence_threshold (recorded in each run's settings).
+
+With neither model given, the built-in default pair runs (dgemma_hf.default_model) and --tasks defaults to
+`arithmetic`: the 200 held-out expressions of the pair's training script (eval/train_default.py).
+
+Each finished item is appended to OUT/items.jsonl, so an interrupted run continues with --resume. Then it
+scores the items with the local metrics and writes OUT/results.json, OUT/report.md, OUT/quality_vs_speed.png
+and OUT/accuracy_by_task.png.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from .prepare_data import DEFAULT_DATA_DIR
 from .tasks import get_task, load_items, resolve_task_names
 
 SWEEP_KEYS = {"steps": int, "entropy_bound": float}
+DEFAULT_TASKS = "math,mmlu,humaneval"
+DEFAULT_PAIR_TASKS = "arithmetic"  # what the built-in default pair was trained on: its held-out split
 CODE_EXECUTION_REFUSAL = (
     "--tasks: humaneval is scored by executing model-generated Python code on this machine; pass "
     "--allow-code-execution to allow that (best inside a throw-away container or VM), or leave humaneval out"
@@ -85,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dgemma-model", help="DiffusionGemma checkpoint (folder or hub id)")
     parser.add_argument("--ar-model", help="autoregressive causal LM checkpoint to compare with (folder or hub id)")
-    parser.add_argument("--tasks", default="math,mmlu,humaneval",
-                        help="comma-separated: asdiv, gsm_symbolic, mmlu, humaneval, or math (= asdiv + gsm_symbolic)")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated: asdiv, gsm_symbolic, mmlu, humaneval, math (= asdiv + gsm_symbolic), "
+                        "arithmetic (the default pair's held-out split; no data file). Default: "
+                        f"{DEFAULT_TASKS}, or {DEFAULT_PAIR_TASKS} when no model is given (the built-in pair)")
     parser.add_argument("--limit", type=_positive_int, default=None, help="first N items of each task (default all)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
@@ -121,6 +131,23 @@ def _device(name: str | None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device: {name} requested but CUDA is not available")
     return device
+
+
+def adaptive_stopping_settings(path: str) -> dict:
+    """The checkpoint's adaptive stopping (upstream's defaults where its generation config sets none), as
+    generate() applies it: {"stability_threshold", "confidence_threshold"}."""
+    from transformers.models.diffusion_gemma import DiffusionGemmaGenerationConfig
+
+    defaults = DiffusionGemmaGenerationConfig._get_default_generation_params()
+    try:
+        config = DiffusionGemmaGenerationConfig.from_pretrained(str(path))
+    except OSError:  # no generation_config.json
+        config = None
+    settings = {}
+    for key in ("stability_threshold", "confidence_threshold"):
+        value = getattr(config, key, None)
+        settings[key] = defaults[key] if value is None else value
+    return settings
 
 
 def _plan_runs(args, dgemma_defaults: dict | None) -> list[dict]:
@@ -182,11 +209,12 @@ def _generate_pending(args, runs, tasks, items, store, device) -> None:
 
 def run_quality(args: argparse.Namespace) -> dict:
     """Runs, scores and reports; raises ValueError/FileNotFoundError on bad input before loading weights."""
-    tasks = resolve_task_names(args.tasks)
+    default_pair = not args.dgemma_model and not args.ar_model
+    tasks = resolve_task_names(args.tasks or (DEFAULT_PAIR_TASKS if default_pair else DEFAULT_TASKS))
     if "humaneval" in tasks and not args.allow_code_execution:
         raise ValueError(CODE_EXECUTION_REFUSAL)
-    if not args.dgemma_model and not args.ar_model:
-        # The built-in pair (trained on short arithmetic only): a smoke run of the whole harness out of the box.
+    if default_pair:
+        # The built-in pair (trained on short arithmetic only); by default on its held-out arithmetic split.
         from dgemma_hf.default_model import default_ar_model_path, default_model_path
 
         args.dgemma_model, args.ar_model = str(default_model_path()), str(default_ar_model_path())
@@ -210,7 +238,8 @@ def run_quality(args: argparse.Namespace) -> dict:
     dgemma_defaults = None
     if args.dgemma_model:
         check_model_type(args.dgemma_model, expect_dgemma=True, argument="--dgemma-model")
-        dgemma_defaults = default_dgemma_settings(args.dgemma_model)
+        dgemma_defaults = {**default_dgemma_settings(args.dgemma_model),
+                           **adaptive_stopping_settings(args.dgemma_model)}
     if args.ar_model:
         check_model_type(args.ar_model, expect_dgemma=False, argument="--ar-model")
     device = _device(args.device)

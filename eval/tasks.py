@@ -6,8 +6,11 @@ when the tokenizer has a chat template) and the same plain-text prompt (`plain_p
 - asdiv, gsm_symbolic (group "math"): the final number ("Answer: 42", "#### 42", \\boxed{42}, else the last
   number in the text), normalised by the exact_match_numeric metric ("$1,000.00" == "1000");
 - mmlu: the chosen option letter;
-- humaneval: a complete candidate program (the problem's prompt plus the generated code).
-Items are read from the JSONL files of `python -m eval.prepare_data` with `datasets.load_dataset("json")`.
+- humaneval: a complete candidate program (the problem's prompt plus the generated code);
+- arithmetic: the final number of the worked line ("7-2=5+4=9" -> "9"), as the built-in default pair answers.
+Items are read from the JSONL files of `python -m eval.prepare_data` with `datasets.load_dataset("json")`, except
+for `arithmetic`: the held-out split of `eval.train_default` (200 expressions never in its training split), built
+procedurally by reasoning-gym with the training script's seed, so it needs no data file.
 """
 
 from __future__ import annotations
@@ -133,6 +136,8 @@ class Task:
     plain_prompt: Callable[[dict], str]
     extract: Callable[[str, dict], str]
     reference: Callable[[dict], str]
+    build_items: Callable[[], list[dict]] | None = None  # procedural tasks: the items, with no data file
+
 
     @property
     def data_file(self) -> str:
@@ -154,6 +159,16 @@ def _math_task(name: str) -> Task:
         extract=lambda generation, item: extract_final_number(generation),
         reference=lambda item: str(item["answer"]),
     )
+
+
+def arithmetic_items() -> list[dict]:
+    """The default pair's held-out split: eval.train_default's 200 held-out expressions (seed 0), none of them
+    in its training split, asked exactly as in training ("Calculate 7 - 2 + 4.")."""
+    from .train_default import load_data
+
+    _, held_out = load_data(seed=0)
+    return [{"id": f"arithmetic/{index}", "question": row["question"], "expression": row["expression"],
+             "answer": row["answer"]} for index, row in enumerate(held_out)]
 
 
 TASKS: dict[str, Task] = {
@@ -182,12 +197,30 @@ TASKS: dict[str, Task] = {
         reference=humaneval_test_program,
     ),
 }
+# Tasks whose items are built here, with no prepared data file (TASKS above are the prepared-data ones).
+BUILT_IN_TASKS: dict[str, Task] = {
+    # The built-in default pair's own task (short integer arithmetic, bare question as the user turn: the models
+    # were trained on exactly that prompt and a 16-token canvas).
+    "arithmetic": Task(
+        name="arithmetic",
+        fields=("id", "question", "answer"),
+        metric="exact_match_numeric",
+        score_key="exact_match",
+        max_new_tokens=16,
+        user_prompt=lambda item: item["question"],
+        plain_prompt=lambda item: item["question"],
+        extract=lambda generation, item: extract_final_number(generation),
+        reference=lambda item: str(item["answer"]),
+        build_items=arithmetic_items,
+    ),
+}
+ALL_TASKS: dict[str, Task] = {**TASKS, **BUILT_IN_TASKS}
 TASK_GROUPS = {"math": ("asdiv", "gsm_symbolic")}
 
 
 def _known_names() -> str:
     groups = ", ".join(f"{group} = {' + '.join(members)}" for group, members in TASK_GROUPS.items())
-    return f"{', '.join(sorted(TASKS))} (groups: {groups})"
+    return f"{', '.join(sorted(ALL_TASKS))} (groups: {groups})"
 
 
 def resolve_task_names(spec: str | Iterable[str]) -> list[str]:
@@ -207,7 +240,7 @@ def resolve_task_names(spec: str | Iterable[str]) -> list[str]:
             continue
         if name in TASK_GROUPS:
             members = TASK_GROUPS[name]
-        elif name in TASKS:
+        elif name in ALL_TASKS:
             members = (name,)
         else:
             raise ValueError(f"tasks: unknown task {raw.strip()!r}; known tasks: {_known_names()}")
@@ -218,18 +251,21 @@ def resolve_task_names(spec: str | Iterable[str]) -> list[str]:
 
 
 def get_task(name: str) -> Task:
-    if name not in TASKS:
+    if name not in ALL_TASKS:
         raise ValueError(f"task: unknown task {name!r}; known tasks: {_known_names()}")
-    return TASKS[name]
+    return ALL_TASKS[name]
 
 
 def load_items(task: str | Task, data_dir: str | Path = DEFAULT_DATA_DIR, limit: int | None = None) -> list[dict]:
-    """The first `limit` items (all when None) of a task's prepared data file, as dicts."""
+    """The first `limit` items (all when None) of a task's prepared data file (or of a procedural task's
+    items), as dicts."""
     import datasets
 
     task = get_task(task) if isinstance(task, str) else task
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    if task.build_items is not None:
+        return task.build_items()[:limit]
     path = Path(data_dir) / task.data_file
     if not path.is_file():
         raise FileNotFoundError(

@@ -13,6 +13,7 @@ import torch
 from conftest import REPO
 from dgemma_hf.tiny import make_tiny_checkpoint
 from eval.quality import build_parser, main, parse_sweep, run_quality
+from eval.tasks import load_items
 from eval.tiny import make_tiny_ar_checkpoint
 
 # On 2-core CI machines torch's default thread count oversubscribes.
@@ -122,7 +123,9 @@ def test_end_to_end_results_json(finished_run):
         assert run["peak_memory_bytes"] > 2**20 and run["peak_memory_kind"] == "process_peak_rss"
     ar, fewer_steps, more_steps = results["runs"]
     assert ar["tokens_per_forward"] is None and ar["settings"] == {"decoding": "greedy"}
-    assert fewer_steps["settings"] == {"steps": 2, "entropy_bound": 0.5}
+    # The tiny checkpoint's generation config: upstream's adaptive stopping (stable once, mean entropy < 0.005).
+    assert fewer_steps["settings"] == {"steps": 2, "entropy_bound": 0.5, "stability_threshold": 1,
+                                       "confidence_threshold": 0.005}
     # Tiny checkpoint canvas: 16 tokens. Fewer denoising steps accept more tokens per decoder forward.
     assert 0 < more_steps["tokens_per_forward"] < fewer_steps["tokens_per_forward"] <= 16
     humaneval = [item for item in results["items"] if item["task"] == "humaneval"]
@@ -196,7 +199,8 @@ def test_unknown_task_and_missing_data_are_refused(setup, tmp_path, capsys):
     argv = quality_argv(setup, tmp_path / "out")
     argv[argv.index("math,mmlu,humaneval")] = "math,gsm8k"
     assert main(argv) == 2
-    assert "unknown task 'gsm8k'; known tasks: asdiv, gsm_symbolic, humaneval, mmlu" in capsys.readouterr().err
+    assert ("unknown task 'gsm8k'; known tasks: arithmetic, asdiv, gsm_symbolic, humaneval, mmlu"
+            in capsys.readouterr().err)
     argv = quality_argv(setup, tmp_path / "out")
     argv[argv.index(str(setup["data"]))] = str(tmp_path / "nowhere")
     assert main(argv) == 2
@@ -216,3 +220,43 @@ def test_sweep_is_a_cartesian_product_of_checked_values():
                          (["steps=4", "steps=8"], "given twice")]:
         with pytest.raises(ValueError, match=message):
             parse_sweep(bad)
+
+
+def test_arithmetic_task_is_the_default_pairs_held_out_split():
+    from eval.train_default import HELD_OUT_SIZE, load_data
+
+    train, held_out = load_data(seed=0)
+    items = load_items("arithmetic", "/nowhere")  # built procedurally: no data file, whatever the folder
+    assert len(items) == HELD_OUT_SIZE == 200
+    assert len({item["id"] for item in items}) == len({item["expression"] for item in items}) == 200
+    assert [(item["question"], item["answer"]) for item in items] == [(r["question"], r["answer"]) for r in held_out]
+    assert not {item["expression"] for item in items} & {r["expression"] for r in train}  # never seen in training
+    assert load_items("arithmetic", limit=3) == items[:3]
+
+
+def test_default_run_evaluates_the_default_pair_on_held_out_arithmetic(tmp_path):
+    """No model given: the built-in pair, on its held-out arithmetic split, DiffusionGemma with the adaptive
+    stopping of its shipped generation config. (The full 200-item run is in eval/results/default-pair/.)"""
+    from dgemma_hf.default_model import default_ar_model_path, default_model_path
+
+    out = tmp_path / "out"
+    outcome = run_quality(build_parser().parse_args(["--limit", "40", "--device", "cpu", "--out", str(out)]))
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["tasks"] == ["arithmetic"]
+    assert results["config"]["dgemma_model"] == str(default_model_path())
+    assert results["config"]["ar_model"] == str(default_ar_model_path())
+    ar, dgemma = outcome["runs"]
+    assert ar["family"] == "ar" and dgemma["family"] == "dgemma"
+    assert ar["items"] == dgemma["items"] == 40
+    shipped = json.loads((default_model_path() / "generation_config.json").read_text())
+    assert dgemma["settings"] == {  # adaptive stopping on, as shipped
+        "steps": shipped["max_denoising_steps"], "entropy_bound": 0.1,
+        "stability_threshold": shipped["stability_threshold"],
+        "confidence_threshold": shipped["confidence_threshold"],
+    }
+    # Chance (always the most common answer) is 2.5%. Measured on these 40 items: 80% and 30% at 4.83 tokens
+    # per forward (200 items: 82.5% and 31.0% at 4.87).
+    assert ar["accuracy"]["arithmetic"] >= 0.6
+    assert dgemma["accuracy"]["arithmetic"] >= 0.15
+    assert dgemma["tokens_per_forward"] >= 4.0
+    assert all(item["new_tokens"] <= 16 for item in results["items"])  # one 16-token canvas per answer
