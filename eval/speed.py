@@ -173,9 +173,12 @@ def profile_step(model) -> dict:
         times.append(start.elapsed_time(end))
     graph_ms = sorted(times)[len(times) // 2]
     engine.step_index.zero_()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        engine.step(engine.position_ids)
-        torch.cuda.synchronize()
+    # As inside generate(): no autograd (else the decoder layers take upstream's unfused forward) and the soft
+    # embedding as the self-conditioning input.
+    with torch.no_grad(), engine.self_conditioning_input():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            engine.step(engine.position_ids)
+            torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
     return {"graph_step_ms": graph_ms}
 
