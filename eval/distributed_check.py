@@ -43,15 +43,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-# DiffusionGemma 26B-A4B's text config (REFERENCE.md section 1), as eval/speed.py builds it.
-TEXT_CONFIG = dict(
-    vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30, num_attention_heads=16,
-    num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2, attention_k_eq_v=True,
-    sliding_window=1024, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
-    max_position_embeddings=262144, final_logit_softcapping=30.0,
-)
-SMALL_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                    num_key_value_heads=2, head_dim=32, position_embedding_size=64)
+from .speed import SMALL_VISION, TEXT_CONFIG  # the 26B-A4B shapes, as the one-GPU benchmark builds them
 
 
 def model_config(layers: int, tiny: bool):
