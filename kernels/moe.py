@@ -297,6 +297,23 @@ def _down_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
+@triton.jit
+def _combine_kernel(pair_out_ptr, index_ptr, out_ptr, H, num_experts, stride_token, stride_k,
+                    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum over k of pair row t * TOP_K + k, in k order, in fp32 (deterministic, no atomics). Pairs whose
+    expert is outside [0, num_experts) were never computed (expert parallelism's sentinel) and count as zero."""
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_mask = cols < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        expert = tl.load(index_ptr + token * stride_token + k * stride_k) + tl.zeros_like(cols)  # a row of it
+        routed = col_mask & (expert >= 0) & (expert < num_experts)
+        row = tl.load(pair_out_ptr + (token * TOP_K + k) * H + cols, mask=routed, other=0.0)
+        acc += row.to(tl.float32)
+    tl.store(out_ptr + token * H + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
 class NVFP4Experts(NamedTuple):
     """Expert weights in NVFP4 as the kernels read them: codes in `nvfp4.to_kernel_layout`'s byte order,
     scales as ModelOpt's."""
@@ -369,15 +386,19 @@ def _run(hidden_states, top_k_index, top_k_weights, num_experts, intermediate, g
         act, routing.sorted_pairs, routing.expert_offsets, routing.tile_expert, routing.tile_start,
         top_k_weights, *down_args, pair_out, hidden, intermediate, **common,
     )
-    # Fixed-order sum over top_k, accumulated in fp32: deterministic, no atomics.
-    out.copy_(pair_out.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32))
+    block_h = min(triton.next_power_of_2(hidden), 1024)
+    _combine_kernel[(tokens, triton.cdiv(hidden, block_h))](
+        pair_out, top_k_index, out, hidden, num_experts, top_k_index.stride(0), top_k_index.stride(1),
+        TOP_K=top_k, BLOCK_H=block_h,
+    )
     return out
 
 
 def moe_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, out=None, config=None):
     """MoE experts with bf16/fp16 weights: gate_up_proj [E, 2I, H], down_proj [E, H, I] (hidden's dtype).
 
-    hidden_states [T, H] bf16/fp16; top_k_index [T, K] int (values in [0, E), not checked: that would sync);
+    hidden_states [T, H] bf16/fp16; top_k_index [T, K] int, values in [0, E] (not checked: that would sync); E is
+    the sentinel of expert parallelism (another rank's expert): such a pair costs nothing and adds zero;
     top_k_weights [T, K] fp32; `out` [T, H], optional, is written in full. `config` (BLOCK_M, BLOCK_N,
     BLOCK_K, num_warps, num_stages[, swap_ab]) overrides the tuned table, for benchmarks (swap_ab: NVFP4 only).
     """

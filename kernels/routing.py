@@ -102,8 +102,9 @@ def _int_arg(name: str, value) -> int:
 
 def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Routing:
     """Sorts the pairs by expert (stable) and tiles each expert's rows in blocks of `block_m`: one kernel launch,
-    no host sync. top_k_index [tokens, top_k] int32/int64 with values in [0, num_experts) (not checked: that
-    would sync); block_m a power of two >= 16."""
+    no host sync. top_k_index [tokens, top_k] int32/int64 with values in [0, num_experts] (not checked: that
+    would sync); the value num_experts (expert parallelism's sentinel: another rank's expert) leaves the pair out
+    of every expert (it lands in the histogram's spare bin). block_m a power of two >= 16."""
     if not isinstance(top_k_index, torch.Tensor):
         raise TypeError(f"top_k_index must be a torch.Tensor, got {type(top_k_index).__name__}")
     if top_k_index.dtype not in (torch.int32, torch.int64):

@@ -24,6 +24,8 @@ def reference_moe(x, top_k_index, top_k_weights, gate_up, down):
     for t in range(x.shape[0]):
         for k in range(top_k_index.shape[1]):
             e = int(top_k_index[t, k])
+            if e == gate_up.shape[0]:  # expert parallelism's sentinel: another rank's expert
+                continue
             gate = gate_up[e, :intermediate] @ x[t]
             up = gate_up[e, intermediate:] @ x[t]
             act = torch.nn.functional.gelu(gate, approximate="tanh") * up
@@ -127,6 +129,32 @@ def test_nvfp4_tile_orientations_and_k_blocks(config, dtype):
     packed = NVFP4Experts(*(t.to(DEVICE) for t in packed))
     got = moe_experts_nvfp4(x.to(DEVICE), index.to(DEVICE), weights.to(DEVICE), packed, config=config)
     assert _rel_err(got.cpu(), want) < 1e-2
+
+
+@pytest.mark.parametrize("nvfp4", [False, True])
+def test_sentinel_pairs_cost_nothing_and_add_zero(nvfp4):
+    """Index E (another rank's expert under expert parallelism) is left out of routing and of the combine, even
+    where the pair rows hold garbage."""
+    generator = torch.Generator().manual_seed(5)
+    experts, tokens = 4, 33
+    index, weights = _routing(tokens, 2, experts, "random", generator)
+    index[torch.rand(index.shape, generator=generator) < 0.4] = experts
+    index[0] = experts  # a token with no local expert at all
+    x = torch.randn(tokens, 64, generator=generator).half()
+    if nvfp4:
+        packed, gate_up, down = _nvfp4_experts(experts, 64, 32, generator)
+        run = lambda: moe_experts_nvfp4(x.to(DEVICE), index.to(DEVICE), weights.to(DEVICE),  # noqa: E731
+                                        NVFP4Experts(*(t.to(DEVICE) for t in packed)))
+    else:
+        gate_up, down = _weights(experts, 64, 32, generator, torch.float16)
+        run = lambda: moe_experts(x.to(DEVICE), index.to(DEVICE), weights.to(DEVICE), gate_up.to(DEVICE),  # noqa: E731
+                                  down.to(DEVICE))
+    want = reference_moe(x, index, weights, gate_up, down)
+    got = run().cpu()
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    assert _rel_err(got, want) < 1e-2
+    routing = route(index.to(DEVICE), num_experts=experts, block_m=16)
+    assert routing.expert_offsets[-1].item() == (index < experts).sum().item()
 
 
 def test_route_sorts_stably_and_tiles_every_pair():

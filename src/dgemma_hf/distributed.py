@@ -27,8 +27,8 @@ vocabulary), so the tied weights share one placement. On N ranks:
   forward). Routing runs identically on every rank; each rank zeroes the routing weights of the other ranks'
   experts, runs its experts with the model's experts backend (the Triton kernels on CUDA), and one all-reduce
   sums the N partial outputs. No token moves and nothing is read back, so the engine's captured denoising step
-  includes the collectives. The masked routes still pass through the experts' GEMMs (with weight 0): each rank
-  reads only its own experts' weights (the batch-1 cost), but does the whole batch's expert arithmetic.
+  includes the collectives. Routes to other ranks' experts carry the sentinel id E/N, which the backends skip:
+  each rank reads only its own experts' weights and does only their arithmetic.
 - router, norms, rotary tables, vision tower: replicated. The decoder layers run upstream's forward (dgemma_hf's
   fused decoder layers compile their dense regions with torch.compile, which would take in the collectives).
 
@@ -354,8 +354,10 @@ def _keep_rows(linear: nn.Linear, start: int, size: int) -> None:
 class ExpertShard:
     """Rank r's experts [r E/N, (r+1) E/N) of one experts module, and the all-reduce that combines the ranks.
 
-    Routing runs identically on every rank. Every route goes to a local expert id (its id modulo E/N); the other
-    ranks' routes carry weight 0, so they add exact zeros, and the sum over ranks is the layer's output."""
+    Routing runs identically on every rank. A route to a local expert gets its local id; a route to another
+    rank's expert gets the sentinel id E/N (and weight 0), which every experts backend skips (transformers'
+    grouped_mm and eager loops, dgemma_hf's Triton kernels and NVFP4 reference): no GEMM work, an exact zero.
+    The sum over ranks is the layer's output."""
 
     def __init__(self, experts: nn.Module, mesh):
         weights = experts._parameters.get("gate_up_proj")
@@ -375,8 +377,10 @@ class ExpertShard:
     def __call__(self, run, hidden_states, top_k_index, top_k_weights):
         """`run` is the experts' own forward (the model's experts backend) on local tensors."""
         _cut_buffers(self.experts, self.total, self.rank * self.local, self.local)
-        mine = torch.div(top_k_index, self.local, rounding_mode="floor") == self.rank
-        out = run(hidden_states, torch.remainder(top_k_index, self.local), top_k_weights.masked_fill(~mine, 0.0))
+        local_index = top_k_index - self.rank * self.local
+        mine = (local_index >= 0) & (local_index < self.local)
+        local_index = torch.where(mine, local_index, self.local)  # the sentinel
+        out = run(hidden_states, local_index, top_k_weights.masked_fill(~mine, 0.0))
         dist.all_reduce(out, group=self.group)
         return out
 
