@@ -293,7 +293,8 @@ def _down_kernel(
             acc = tl.dot(a, w, acc)
     weight = tl.load(top_k_weights_ptr + pairs, mask=row_mask, other=0.0)
     acc = acc * weight[:, None]
-    out_ptrs = out_ptr + pairs[:, None] * H + cols[None, :]
+    # int64: pairs * H passes 2^31 from ~95K tokens at 26B-A4B's shape (a long prompt's prefill).
+    out_ptrs = out_ptr + pairs.to(tl.int64)[:, None] * H + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
@@ -302,7 +303,7 @@ def _combine_kernel(pair_out_ptr, index_ptr, out_ptr, H, num_experts, stride_tok
                     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
     """out[t] = sum over k of pair row t * TOP_K + k, in k order, in fp32 (deterministic, no atomics). Pairs whose
     expert is outside [0, num_experts) were never computed (expert parallelism's sentinel) and count as zero."""
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # the pair rows' offsets pass 2^31 for long prompts
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)

@@ -214,12 +214,11 @@ def test_cuda_graph_replay_computes_the_eager_step(tokenizer):
         step()
         return engine.soft.float().clone(), engine.argmax.clone(), engine.counter.clone()
 
-    with engine.self_conditioning_input():  # as inside generate()
+    with torch.no_grad(), engine.self_conditioning_input():  # as inside generate() (fused layers, soft input)
         soft_eager, argmax_eager, counter_eager = run(lambda: engine.step(engine.position_ids))
     soft_graph, argmax_graph, counter_graph = run(engine._captured.replay)
     assert torch.equal(counter_eager, counter_graph)
-    # A sharp softmax (low first-step temperature) amplifies last-bit logit differences: 2.1e-2 seen on an H200.
-    assert ((soft_graph - soft_eager).norm() / soft_eager.norm()).item() < 5e-2
+    assert ((soft_graph - soft_eager).norm() / soft_eager.norm()).item() < 2e-2
     assert (argmax_graph == argmax_eager).float().mean().item() > 0.9
 
 

@@ -6,7 +6,22 @@ from transformers import StaticCache
 from transformers.models.diffusion_gemma import modeling_diffusion_gemma as upstream
 
 from conftest import TINY_VARIANTS, build_pair, left_padded_batch, variant_config
+from dgemma_hf import fused_decoder
 from dgemma_hf.fused_decoder import FusedDecoderLayer
+
+
+@pytest.fixture
+def region_calls(monkeypatch):
+    """Counts the fused forwards that run (one feed_forward region per fused layer call)."""
+    calls = []
+    original = fused_decoder.feed_forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused_decoder, "feed_forward", counted)
+    return calls
 
 
 def _decoder_inputs(model, config, tokenizer, batch, seed):
@@ -40,7 +55,7 @@ def _layer_kwargs(config, index, cache, masks, rotary, positions):
 
 
 @pytest.mark.parametrize("variant", list(TINY_VARIANTS))
-def test_fused_layers_equal_upstream_layers_exactly(variant, tokenizer):
+def test_fused_layers_equal_upstream_layers_exactly(variant, tokenizer, region_calls):
     """On the CPU the regions run eagerly: the same ops as upstream's forward, so identical bits (fp32)."""
     config = variant_config(variant)
     model = build_pair(config, tokenizer, seed=3)[0]
@@ -53,9 +68,10 @@ def test_fused_layers_equal_upstream_layers_exactly(variant, tokenizer):
             want = upstream.DiffusionGemmaDecoderTextLayer.forward(layer, hidden.clone(), **kwargs)
             assert torch.equal(got, want), f"layer {index}"
             hidden = got
+    assert len(region_calls) == len(model.model.decoder.layers)  # the fused path ran, once per layer
 
 
-def test_training_takes_upstreams_forward(tokenizer):
+def test_training_takes_upstreams_forward(tokenizer, region_calls):
     """With gradients on, the layer is upstream's (checkpointing, hooks): gradients reach every weight used."""
     config = variant_config("default")
     model = build_pair(config, tokenizer, seed=4)[0].train()
@@ -65,6 +81,66 @@ def test_training_takes_upstreams_forward(tokenizer):
     out.square().mean().backward()
     assert layer.self_attn.q_proj.weight.grad.abs().sum() > 0
     assert layer.router.proj.weight.grad.abs().sum() > 0
+    assert not region_calls
+
+
+def _decoder_logits(model, tokenizer, **kwargs):
+    from transformers import DynamicCache
+
+    config = model.config
+    input_ids, attention_mask = left_padded_batch(tokenizer, ["Why is the sky blue?", "Hi"])
+    cache = DynamicCache(config=config.get_text_config(decoder=True))
+    canvas = torch.randint(config.text_config.vocab_size, (2, config.canvas_length),
+                           generator=torch.Generator().manual_seed(2))
+    mask = torch.nn.functional.pad(attention_mask, (0, config.canvas_length), value=1)
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, decoder_input_ids=canvas,
+              decoder_attention_mask=mask)
+        return model(past_key_values=cache, decoder_input_ids=canvas, decoder_attention_mask=mask, **kwargs)
+
+
+def test_hooks_and_wrapped_projections_take_upstreams_forward(tokenizer, region_calls):
+    """The regions call F.linear on the weights: a hook on a submodule, or a LoRA-wrapped projection, would be
+    skipped, so such layers run upstream's forward, and the hook fires / the adapter acts."""
+    from peft import LoraConfig, get_peft_model
+
+    config = variant_config("default")
+    ours, upstream_model = build_pair(config, tokenizer, seed=8)
+    fired = []
+    ours.model.decoder.layers[0].mlp.register_forward_hook(lambda module, args, output: fired.append(1))
+    got = _decoder_logits(ours, tokenizer).logits
+    # Two decoder passes (prefill, step): the hooked layer took upstream's forward in both, the others fused.
+    assert len(fired) == 2 and len(region_calls) == 2 * (len(ours.model.decoder.layers) - 1)
+    assert (got - _decoder_logits(upstream_model, tokenizer).logits).abs().max().item() < 1e-5
+
+    region_calls.clear()
+    targets = r".*(language_model|decoder)\.layers\.\d+\.(self_attn\.q_proj|mlp\.gate_proj)"
+    lora = LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+    peft_ours = get_peft_model(build_pair(config, tokenizer, seed=8)[0], lora).eval()
+    peft_upstream = get_peft_model(build_pair(config, tokenizer, seed=8)[1], lora).eval()
+    peft_upstream.load_state_dict(peft_ours.state_dict())
+    got = _decoder_logits(peft_ours, tokenizer).logits
+    assert not region_calls
+    assert (got - _decoder_logits(peft_upstream, tokenizer).logits).abs().max().item() < 1e-5
+
+
+def test_recording_router_logits_takes_upstreams_forward(tokenizer, region_calls):
+    model = build_pair(variant_config("default"), tokenizer, seed=9)[0]
+    decoder = model.model.decoder
+    from transformers import DynamicCache
+
+    config = model.config
+    input_ids, attention_mask = left_padded_batch(tokenizer, ["Why is the sky blue?"])
+    cache = DynamicCache(config=config.get_text_config(decoder=True))
+    canvas = torch.randint(config.text_config.vocab_size, (1, config.canvas_length))
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, decoder_input_ids=canvas)
+        region_calls.clear()
+        out = decoder(decoder_input_ids=canvas, past_key_values=cache, output_router_logits=True)
+    assert len(out.router_logits) == len(decoder.layers) and not region_calls
+    with torch.no_grad():
+        decoder(decoder_input_ids=canvas, past_key_values=cache)
+    assert len(region_calls) == len(decoder.layers)  # not recording: fused again
 
 
 @pytest.mark.gpu

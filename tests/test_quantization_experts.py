@@ -98,6 +98,25 @@ def test_torch_paths_match_fp64_math_on_decoded_weights(implementation):
     assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+@pytest.mark.parametrize("implementation", ["eager", "dgemma", "grouped_mm", "batched_mm", "dgemma_triton"])
+def test_expert_parallel_sentinel_routes_are_skipped(implementation):
+    """Split over ranks (dgemma_hf.distributed), a route to another rank's expert has the id num_experts and
+    weight 0: every NVFP4 path skips it (transformers' functions see the module as expert-parallel)."""
+    experts, decoded = _experts(implementation)
+    experts._is_expert_parallel = True
+    hidden, index, weights = _routing(9, experts.num_experts, 2)
+    sentinel = torch.rand(index.shape, generator=torch.Generator().manual_seed(3)) < 0.4
+    index, weights = index.masked_fill(sentinel, experts.num_experts), weights.masked_fill(sentinel, 0.0)
+    kept = ~sentinel
+    want = _dense_reference(hidden, index.masked_fill(sentinel, 0), weights * kept, *decoded)
+    if implementation == "dgemma_triton":  # the kernel: on the GPU where there is one, else interpreted
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        experts, hidden, index, weights = experts.to(device), hidden.half().to(device), index.to(device), weights.to(device)
+    got = experts(hidden, index, weights).cpu()
+    assert torch.isfinite(got).all()
+    assert ((got.double() - want).norm() / want.norm()).item() < (1e-2 if implementation == "dgemma_triton" else 1e-6)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter and the CPU default; on a GPU, "
                     "test_quantization.py's gpu test covers the kernel path")
 def test_triton_kernel_path_matches_the_reference_in_fp16():

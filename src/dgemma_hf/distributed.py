@@ -29,8 +29,9 @@ vocabulary), so the tied weights share one placement. On N ranks:
   sums the N partial outputs. No token moves and nothing is read back, so the engine's captured denoising step
   includes the collectives. Routes to other ranks' experts carry the sentinel id E/N, which the backends skip:
   each rank reads only its own experts' weights and does only their arithmetic.
-- router, norms, rotary tables, vision tower: replicated. The decoder layers run upstream's forward (dgemma_hf's
-  fused decoder layers compile their dense regions with torch.compile, which would take in the collectives).
+- router, norms, rotary tables, vision tower: replicated. The decoder layers run upstream's forward: dgemma_hf's
+  fused decoder layers read the weights and call F.linear themselves, which would bypass the split projections'
+  own forwards (their local shards and the all-reduce after o_proj and down_proj).
 
 Every rank runs the same sampler on the same (all-reduced, so identical) logits: `prepare_generate` (called by
 generate()) checks that every rank got the same prompt and copies rank 0's random state to the others before
@@ -155,8 +156,8 @@ def resolve_parallel_plans(model, distributed_config, resolve):
 
 
 def use_upstream_decoder_layers(model) -> None:
-    """A split model's decoder layers run upstream's forward: dgemma_hf's fused decoder layers compile their dense
-    regions with torch.compile, which would take in the projections' collectives."""
+    """A split model's decoder layers run upstream's forward: the fused layers' regions call F.linear on the
+    weights, bypassing the split projections' forwards (local shards, all-reduces)."""
     for layer in model.model.decoder.layers:
         if type(layer) is not DiffusionGemmaDecoderTextLayer and isinstance(layer, DiffusionGemmaDecoderTextLayer):
             layer.__class__ = DiffusionGemmaDecoderTextLayer
@@ -373,6 +374,7 @@ class ExpertShard:
         self.local = self.total // world
         self.rank = mesh.get_local_rank()
         self.group = _group(mesh)
+        experts._is_expert_parallel = True  # transformers' experts functions then skip the sentinel id
 
     def __call__(self, run, hidden_states, top_k_index, top_k_weights):
         """`run` is the experts' own forward (the model's experts backend) on local tensors."""

@@ -10,9 +10,11 @@ forward here computes upstream's arithmetic op for op, cut into three pure funct
 
 Attention (with the cache read) and the experts stay outside, on their backends. On CUDA each region is
 compiled once by torch.compile (inductor fuses the elementwise chains); the regions touch no layer index, so
-every layer of one attention type shares one compiled graph. Elsewhere the regions run eagerly (tests check
-them bit for bit against upstream's layer). Training, gradients and configurations the regions do
-not cover (attention biases, output recording) take upstream's forward.
+every layer of one attention type shares one compiled graph (dynamo's recompile limit, 8, allows about four
+batch sizes in one process; past it the regions run eagerly, still correct). Elsewhere the regions run eagerly
+(tests check them bit for bit against upstream's layer). Training, gradients, and layers the regions do not
+cover take upstream's forward: biases, wrapped or quantized projections (LoRA, bitsandbytes), hooks on
+submodules, accelerate offloading, transformers recording router logits or attention weights.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from transformers.models.diffusion_gemma import modeling_diffusion_gemma as upstream
+from transformers.utils.output_capturing import _active_collector
 
 _COMPILED: dict = {}
 
@@ -82,15 +87,46 @@ def _region(function, device: torch.device):
     return _COMPILED[function]
 
 
+def _plain_submodules(layer) -> bool:
+    """The regions read weights and call F.linear themselves: every projection must be a plain nn.Linear (not a
+    LoRA or quantized wrapper) and no submodule may carry a hook the regions would skip. transformers' output
+    recorders hook the router and the attention permanently; they only act when asked (see `_recording`)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = [attn.q_proj, attn.k_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj, layer.router.proj]
+    if attn.v_proj is not None:
+        linears.append(attn.v_proj)
+    if any(type(linear) is not nn.Linear or linear.bias is not None for linear in linears):
+        return False
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return False
+    for module in layer.modules():
+        if module is layer:
+            continue
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        if getattr(module, "_hf_hook", None) is not None or any(
+            getattr(hook, "__name__", "") != "output_capturing_hook" for hook in hooks
+        ):
+            return False
+    return True
+
+
+def _recording() -> bool:
+    """Whether transformers is collecting router logits or attention weights (its hooks on the modules the
+    regions skip); hidden states are recorded at the layer, which still runs."""
+    collected = _active_collector.get()
+    return collected is not None and bool({"router_logits", "attentions"} & set(collected))
+
+
 def fused_regions_apply(layer, hidden_states, kwargs) -> bool:
     config = layer.config
     return (
         not torch.is_grad_enabled()
         and not layer.training
-        and not config.attention_bias
         and config.hidden_activation == "gelu_pytorch_tanh"
         and not kwargs.get("output_attentions", False)
         and hidden_states.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and not _recording()
+        and _plain_submodules(layer)
     )
 
 
@@ -120,7 +156,7 @@ class FusedDecoderLayer(upstream.DiffusionGemmaDecoderTextLayer):
         )
         attn_output, _ = attention(
             attn, query, key, value, attention_mask, dropout=0.0, scaling=attn.scaling,
-            sliding_window=attn.sliding_window, is_causal=attn.is_causal, **kwargs,
+            sliding_window=attn.sliding_window, is_causal=attn.is_causal, position_ids=position_ids, **kwargs,
         )
         weights = {
             "o_proj": attn.o_proj.weight, "post_attention_norm": self.post_attention_layernorm.weight,

@@ -42,6 +42,9 @@ class DiffusionGemmaForMaskedGeneration(AttentionChecks, DiffusionGemmaForBlockD
     # decorator; the experts modules are upstream's, so swapping is supported.
     _can_set_experts_implementation_cached_value = True
 
+    # device_map="auto" must keep a decoder layer on one device: the fused layers are upstream's, renamed.
+    _no_split_modules = [*DiffusionGemmaForBlockDiffusion._no_split_modules, "FusedDecoderLayer"]
+
     # transformers' Trainer: the training loss is a mean over this batch's target tokens (the Trainer averages it
     # over gradient-accumulation steps), so the Trainer must not pass `num_items_in_batch`.
     accepts_loss_kwargs = False

@@ -85,8 +85,10 @@ class DenoisingEngine:
     @classmethod
     def for_call(cls, model, settings: Settings, batch_size: int, prompt_length: int, sampling: str,
                  seeds: list[int]):
-        # A captured step has the model's kernels baked in: a switch of backend needs a new engine.
-        backends = (model.config.get_text_config()._experts_implementation, model.config._attn_implementation)
+        # A captured step has the model's kernels baked in: a switch of backend (or of the decoder layers' class)
+        # needs a new engine.
+        backends = (model.config.get_text_config()._experts_implementation, model.config._attn_implementation,
+                    tuple(type(layer) for layer in model.model.decoder.layers))
         key = (settings, batch_size, prompt_length, sampling, model.dtype, model.device, backends)
         engine = getattr(model, "_dgemma_engine", None)
         if engine is None or engine.key != key:

@@ -95,10 +95,12 @@ def auto_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 class _DecodedExperts:
     """What upstream's grouped_mm / batched_mm functions read from an experts module, with decoded weights."""
 
-    has_gate, has_bias, is_transposed, has_post_expert_norm, _is_expert_parallel = True, False, False, False, False
+    has_gate, has_bias, is_transposed, has_post_expert_norm = True, False, False, False
 
     def __init__(self, experts: NVFP4TextExperts, dtype: torch.dtype):
         self.num_experts = experts.num_experts
+        # Split over ranks (dgemma_hf.distributed), other ranks' routes carry the sentinel id num_experts.
+        self._is_expert_parallel = getattr(experts, "_is_expert_parallel", False)
         self.act_fn = experts.act_fn
         self.gate_up_proj, self.down_proj = experts.dequantize_all(dtype)
 
