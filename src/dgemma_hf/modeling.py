@@ -188,6 +188,7 @@ class DiffusionGemmaForMaskedGeneration(AttentionChecks, DiffusionGemmaForBlockD
             eos_token_id=_as_tuple(generation_config.eos_token_id),
             pad_token_id=generation_config.pad_token_id,
             logits=logits_settings,
+            prefill_chunk_size=fields["prefill_chunk_size"],
         )
         seeds = _row_seeds(seed, input_ids.shape[0], sampling)
         attention_mask = model_kwargs.pop("attention_mask", None)
@@ -195,6 +196,7 @@ class DiffusionGemmaForMaskedGeneration(AttentionChecks, DiffusionGemmaForBlockD
             raise ValueError("`attention_mask` passed to `generate` must be 2D.")
         decoder_input_ids = model_kwargs.pop("decoder_input_ids", None)
         sc_logits = model_kwargs.pop("self_conditioning_logits", None)
+        model_kwargs.pop("prefill_chunk_size", None)  # in `settings` (DiffusionGemmaGenerationConfig leaves it here)
         engine = DenoisingEngine.for_call(self, settings, input_ids.shape[0], prompt_length, sampling, seeds)
         sequences, tokens_per_forward, cache = engine.run(
             generation_config, input_ids, attention_mask, past_key_values, decoder_input_ids, sc_logits, streamer,

@@ -18,6 +18,7 @@ _CHECKED_FIELDS = (
     "max_new_tokens",
     "max_length",
     "max_denoising_steps",
+    "prefill_chunk_size",
     "t_min",
     "t_max",
     "stability_threshold",
@@ -52,6 +53,8 @@ def check_generation_fields(fields: dict) -> None:
     if fields["max_length"] is not None:
         _positive_int("max_length", fields["max_length"])
     _positive_int("max_denoising_steps", fields["max_denoising_steps"])
+    if fields["prefill_chunk_size"] is not None:
+        _positive_int("prefill_chunk_size", fields["prefill_chunk_size"])
     t_min, t_max = fields["t_min"], fields["t_max"]
     for name, value in (("t_min", t_min), ("t_max", t_max)):
         if value is not None and (not isinstance(value, Real) or not math.isfinite(value) or value < 0):

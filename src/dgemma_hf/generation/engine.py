@@ -48,6 +48,7 @@ class Settings:
     eos_token_id: tuple[int, ...] | None
     pad_token_id: int | None
     logits: LogitsSettings = LogitsSettings()
+    prefill_chunk_size: int | None = None  # transformers' field: the prompt's encoder pass in chunks of this size
 
     @property
     def adaptive_stopping(self) -> bool:
@@ -350,6 +351,32 @@ class DenoisingEngine:
         self._graph_key, self._captured = key, graph
         return graph
 
+    def _encode(self, input_ids, attention_mask, position_ids, is_prefill, prompt_kwargs=None) -> None:
+        """One encoder pass writing the new tokens (all of input_ids when prefilling, else the last canvas) to the
+        cache; attention_mask covers the cache and the new tokens."""
+        model = self.model
+        unprocessed, encoder_masks = model._prepare_encoder_inputs(
+            input_ids=input_ids, attention_mask=attention_mask, encoder_position_ids=position_ids,
+            past_key_values=self.cache, is_prefill=is_prefill, canvas_length=self.canvas_length,
+            batch_size=self.batch_size,
+        )
+        model.model.encoder(input_ids=unprocessed, attention_mask=encoder_masks, past_key_values=self.cache,
+                            position_ids=position_ids, **(prompt_kwargs or {}))
+
+    def _encode_prompt(self, input_ids, attention_mask, position_ids, prompt_kwargs) -> None:
+        """The prompt's encoder pass; with `prefill_chunk_size`, a text prompt goes in chunks, each attending to the
+        cache so far (the attention mask of one pass grows with the prompt squared). Prompts with images go whole:
+        the image features belong to the first pass."""
+        chunk, length = self.settings.prefill_chunk_size, input_ids.shape[1]
+        if chunk is None or length <= chunk or prompt_kwargs:
+            self._encode(input_ids, attention_mask, position_ids, is_prefill=True, prompt_kwargs=prompt_kwargs)
+            return
+        cached = attention_mask.shape[1] - length
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            self._encode(input_ids[:, start:end], attention_mask[:, : cached + end], position_ids[:, start:end],
+                         is_prefill=True)
+
     def run(self, generation_config, input_ids, attention_mask, past_key_values, decoder_input_ids, sc_logits,
             streamer, prompt_kwargs):
         """The canvas loop; `prompt_kwargs` (e.g. pixel_values) go to the prompt's encoder pass."""
@@ -399,15 +426,10 @@ class DenoisingEngine:
 
         for canvas_index in range(self.canvases):
             # Commit what is new (the prompt, then the last canvas) to the cache with one encoder pass.
-            unprocessed, encoder_masks = model._prepare_encoder_inputs(
-                input_ids=input_ids, attention_mask=attention_mask, encoder_position_ids=encoder_position_ids,
-                past_key_values=self.cache, is_prefill=canvas_index == 0, canvas_length=length,
-                batch_size=self.batch_size,
-            )
-            model.model.encoder(
-                input_ids=unprocessed, attention_mask=encoder_masks, past_key_values=self.cache,
-                position_ids=encoder_position_ids, **(prompt_kwargs if canvas_index == 0 else {}),
-            )
+            if canvas_index == 0:
+                self._encode_prompt(input_ids, attention_mask, encoder_position_ids, prompt_kwargs)
+            else:
+                self._encode(input_ids, attention_mask, encoder_position_ids, is_prefill=False)
             start = self._initial_canvas(canvas_index)  # drawn even when a canvas is given, as upstream does
             if canvas_index == 0 and decoder_input_ids is not None:
                 start = decoder_input_ids
