@@ -50,7 +50,8 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from transformers.distributed.expert_parallel import EPImplementation, EPImplementationInterface
 from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 from transformers.distributed.tensor_parallel import TensorParallelLayer, apply_tensor_parallelism
-from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaDecoderTextLayer
+
+from .fused_decoder import use_upstream_decoder_layers
 
 ATTENTION = "dgemma_attention_heads"
 VOCAB_EMBEDDING = "dgemma_vocab_embedding"
@@ -153,14 +154,6 @@ def resolve_parallel_plans(model, distributed_config, resolve):
         use_upstream_decoder_layers(model)
     model._tp_plan, model._ep_plan = parallel_plans()
     return resolve(distributed_config)
-
-
-def use_upstream_decoder_layers(model) -> None:
-    """A split model's decoder layers run upstream's forward: the fused layers' regions call F.linear on the
-    weights, bypassing the split projections' forwards (local shards, all-reduces)."""
-    for layer in model.model.decoder.layers:
-        if type(layer) is not DiffusionGemmaDecoderTextLayer and isinstance(layer, DiffusionGemmaDecoderTextLayer):
-            layer.__class__ = DiffusionGemmaDecoderTextLayer
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------

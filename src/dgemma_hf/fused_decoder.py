@@ -183,12 +183,19 @@ def use_fused_decoder_layers(model) -> None:
             layer.__class__ = FusedDecoderLayer
 
 
-@contextlib.contextmanager
-def upstream_decoder_layers(model):
-    """While open, the decoder's layers run upstream's forward (e.g. to time upstream's generate as it ships)."""
+def use_upstream_decoder_layers(model) -> list:
+    """Gives the decoder's fused layers upstream's class back (e.g. for a model split over ranks: the regions
+    would bypass the split projections' own forwards); returns the layers it changed."""
     layers = [layer for layer in model.model.decoder.layers if type(layer) is FusedDecoderLayer]
     for layer in layers:
         layer.__class__ = upstream.DiffusionGemmaDecoderTextLayer
+    return layers
+
+
+@contextlib.contextmanager
+def upstream_decoder_layers(model):
+    """While open, the decoder's layers run upstream's forward (e.g. to time upstream's generate as it ships)."""
+    layers = use_upstream_decoder_layers(model)
     try:
         yield
     finally:
