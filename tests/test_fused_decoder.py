@@ -65,6 +65,7 @@ def test_fused_layers_equal_upstream_layers_exactly(variant, tokenizer, region_c
         for index, layer in enumerate(model.model.decoder.layers):
             kwargs = _layer_kwargs(config, index, cache, masks, rotary, positions)
             got = layer(hidden, **kwargs)
+            # Upstream's layer forward; both read the cache through the layer's DecoderAttention.
             want = upstream.DiffusionGemmaDecoderTextLayer.forward(layer, hidden.clone(), **kwargs)
             assert torch.equal(got, want), f"layer {index}"
             hidden = got
@@ -170,3 +171,40 @@ def test_upstream_decoder_layers_context_restores_the_fused_layers(tokenizer):
     with upstream_decoder_layers(model):
         assert all(type(layer) is upstream.DiffusionGemmaDecoderTextLayer for layer in model.model.decoder.layers)
     assert all(type(layer) is FusedDecoderLayer for layer in model.model.decoder.layers)
+
+
+@pytest.mark.parametrize("variant", ["default", "mha_no_k_eq_v"])
+def test_a_full_sliding_window_static_cache_reads_like_a_dynamic_cache(variant, tokenizer):
+    """Prompts longer than the sliding window (16 and 8 here): upstream's decoder over a StaticCache writes the
+    canvas over the latest prefix tokens; DecoderAttention reads the window as a DynamicCache presents it, so one
+    decoder step's logits agree (left-padded batch)."""
+    from transformers import DynamicCache
+
+    config = variant_config(variant)
+    model = build_pair(config, tokenizer, seed=12)[0]
+    input_ids, attention_mask = left_padded_batch(
+        tokenizer, ["The river runs past the old mill, under the stone bridge", "Hi there, how is it going today"])
+    length, canvas_length = input_ids.shape[1], config.canvas_length
+    assert length > config.text_config.sliding_window
+    canvas = torch.randint(config.text_config.vocab_size, (2, canvas_length), generator=torch.Generator().manual_seed(0))
+    decoder_mask = torch.nn.functional.pad(attention_mask.bool(), (0, canvas_length), value=True)
+
+    def step_logits(cache):
+        with torch.no_grad():
+            ids, masks = model._prepare_encoder_inputs(
+                input_ids=input_ids, attention_mask=attention_mask.bool(), encoder_position_ids=torch.arange(length)[None],
+                past_key_values=cache, is_prefill=True, canvas_length=canvas_length, batch_size=2)
+            model.model.encoder(input_ids=ids, attention_mask=masks, past_key_values=cache,
+                                position_ids=torch.arange(length)[None])
+            mask_mapping = model.model.decoder.create_diffusion_decoder_attention_mask(
+                config=model.config, inputs_embeds=canvas.unsqueeze(-1), past_key_values=cache,
+                decoder_attention_mask=decoder_mask)
+            return model(past_key_values=cache, decoder_input_ids=canvas, decoder_attention_mask=mask_mapping,
+                         decoder_position_ids=torch.arange(length, length + canvas_length)[None]).logits
+
+    text_config = config.get_text_config(decoder=True)
+    dynamic = step_logits(DynamicCache(config=text_config))
+    static = lambda: StaticCache(config=text_config, max_cache_len=length + 2 * canvas_length)  # noqa: E731
+    assert (step_logits(static()) - dynamic).abs().max().item() < 1e-5
+    with fused_decoder.upstream_decoder_layers(model):  # upstream as it ships overwrites the window's tail
+        assert (step_logits(static()) - dynamic).abs().max().item() > 0.1

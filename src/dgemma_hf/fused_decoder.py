@@ -8,7 +8,8 @@ forward here computes upstream's arithmetic op for op, cut into three pure funct
 2. `feed_forward`: o_proj, post-attention norm and residual, dense MLP, router, experts' input norm;
 3. `layer_output`: the experts' output norm, the sum with the MLP branch, the last norm, residual, layer scalar.
 
-Attention (with the cache read) and the experts stay outside, on their backends. On CUDA each region is
+Attention (with the cache read, through `DecoderAttention`, which fixes upstream's read of a full sliding-window
+StaticCache) and the experts stay outside, on their backends. On CUDA each region is
 compiled once by torch.compile (inductor fuses the elementwise chains); the regions touch no layer index, so
 every layer of one attention type shares one compiled graph (dynamo's recompile limit, 8, allows about four
 batch sizes in one process; past it the regions run eagerly, still correct). Elsewhere the regions run eagerly
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from transformers.cache_utils import StaticSlidingWindowLayer
 from transformers.models.diffusion_gemma import modeling_diffusion_gemma as upstream
 from transformers.utils.output_capturing import _active_collector
 
@@ -75,6 +77,30 @@ def layer_output(residual, dense, experts_output, post_feedforward_norm_2, post_
     hidden_states = residual + rms_norm(dense + experts_output, post_feedforward_norm, eps)
     hidden_states *= layer_scalar  # in place, as upstream: keeps the activations' dtype (the scalar is fp32)
     return hidden_states
+
+
+def full_sliding_window(cache_layer) -> bool:
+    """A static sliding-window cache layer holding a whole window (its buffer: the last `window` tokens, in order)."""
+    return isinstance(cache_layer, StaticSlidingWindowLayer) and cache_layer.cumulative_length_int >= cache_layer.max_cache_len
+
+
+class DecoderAttention(upstream.DiffusionGemmaDecoderTextAttention):
+    """Upstream's decoder attention, reading a full sliding-window StaticCache layer correctly.
+
+    Upstream's `append_to_cache` writes the canvas into a static cache's buffer at the layer's
+    `cumulative_length`, which a `StaticSlidingWindowLayer` stops updating once its window fills: the canvas then
+    overwrites the latest prefix tokens. Here a full window is read as a DynamicCache presents it (its last
+    window - 1 tokens, then the canvas), followed by one zero column: upstream's decoder mask for that layer has
+    exactly this layout, its last column (past the canvas) masked out."""
+
+    def append_to_cache(self, past_key_values, key_states, value_states):
+        cache_layer = past_key_values.layers[self.layer_idx]
+        if not full_sliding_window(cache_layer):
+            return super().append_to_cache(past_key_values, key_states, value_states)
+        pad = key_states.new_zeros(*key_states.shape[:2], 1, key_states.shape[-1])
+        keys = torch.cat((cache_layer.keys[:, :, 1:], key_states, pad), dim=-2)
+        values = torch.cat((cache_layer.values[:, :, 1:], value_states, pad.to(value_states.dtype)), dim=-2)
+        return keys, values
 
 
 def _region(function, device: torch.device):
@@ -177,15 +203,19 @@ class FusedDecoderLayer(upstream.DiffusionGemmaDecoderTextLayer):
 
 
 def use_fused_decoder_layers(model) -> None:
-    """Gives the decoder's layers the fused forward (parameters and buffers untouched)."""
+    """Gives the decoder's layers the fused forward and their attention the static-cache fix (parameters and
+    buffers untouched)."""
     for layer in model.model.decoder.layers:
         if type(layer) is upstream.DiffusionGemmaDecoderTextLayer:
             layer.__class__ = FusedDecoderLayer
+        if type(layer.self_attn) is upstream.DiffusionGemmaDecoderTextAttention:
+            layer.self_attn.__class__ = DecoderAttention
 
 
 def use_upstream_decoder_layers(model) -> list:
-    """Gives the decoder's fused layers upstream's class back (e.g. for a model split over ranks: the regions
-    would bypass the split projections' own forwards); returns the layers it changed."""
+    """Gives the decoder's fused layers upstream's class back, keeping the attention's cache fix (e.g. for a
+    model split over ranks: the regions would bypass the split projections' own forwards); returns the layers
+    it changed."""
     layers = [layer for layer in model.model.decoder.layers if type(layer) is FusedDecoderLayer]
     for layer in layers:
         layer.__class__ = upstream.DiffusionGemmaDecoderTextLayer
@@ -194,10 +224,16 @@ def use_upstream_decoder_layers(model) -> list:
 
 @contextlib.contextmanager
 def upstream_decoder_layers(model):
-    """While open, the decoder's layers run upstream's forward (e.g. to time upstream's generate as it ships)."""
+    """While open, the decoder's layers and attention are upstream's as they ship (e.g. to time upstream's
+    generate)."""
     layers = use_upstream_decoder_layers(model)
+    attentions = [layer.self_attn for layer in model.model.decoder.layers if type(layer.self_attn) is DecoderAttention]
+    for attention in attentions:
+        attention.__class__ = upstream.DiffusionGemmaDecoderTextAttention
     try:
         yield
     finally:
         for layer in layers:
             layer.__class__ = FusedDecoderLayer
+        for attention in attentions:
+            attention.__class__ = DecoderAttention

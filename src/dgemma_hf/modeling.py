@@ -4,7 +4,8 @@ Same config class, weights, forward and generate semantics as upstream (transfor
 the one place where dgemma_hf's faster engine, experts and attention backends plug in. Today it adds:
 - the block-diffusion training loss when `forward` gets `labels` (training.py);
 - the "dgemma" experts backend by default (Triton MoE kernels on CUDA, upstream's grouped_mm elsewhere);
-- decoder layers whose inference forward runs in three fused regions (fused_decoder.py);
+- decoder layers whose inference forward runs in three fused regions, and decoder attention that reads a full
+  sliding-window StaticCache as a DynamicCache presents it (fused_decoder.py);
 - checkpoint checks before loading (model type, shards, safetensors headers, quantization method);
 - argument checks before generating (empty prompt, context length, ranges of the generation settings).
 """

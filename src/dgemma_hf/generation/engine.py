@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, StaticCache
 
+from ..fused_decoder import full_sliding_window
 from ..schedulers import DiffusersSchedulerAdapter, TextDiffusionScheduler
 from .logits_processing import LogitsProcessing, LogitsSettings
 from .stopping import stable_and_confident
@@ -327,7 +328,10 @@ class DenoisingEngine:
                 pending.append((event, flag))
 
     def _mask_key(self):
-        return tuple((k, None if m is None else tuple(m.shape)) for k, m in sorted(self.mask_mapping.items()))
+        """What a captured step depends on besides the buffers: the masks' shapes, and which sliding-window cache
+        layers are full (the fused layers read a full window differently, see fused_decoder)."""
+        shapes = tuple((k, None if m is None else tuple(m.shape)) for k, m in sorted(self.mask_mapping.items()))
+        return shapes, tuple(full_sliding_window(layer) for layer in self.cache.layers)
 
     def _ready_graph(self):
         """The captured step, if one exists for masks of these shapes: the canvas's masks are copied into the
