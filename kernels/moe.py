@@ -8,10 +8,11 @@ Weights are either bf16/fp16 (`gate_up` [E, 2I, H] with gate rows 0..I-1 and up 
 tensor cores). Activations are bf16/fp16 (or fp32, as TF32 on the tensor cores); accumulation is fp32.
 
 Steps, all on the device with shapes fixed by (tokens, top_k, experts), so they can be captured in a CUDA
-graph: `route` (routing.py, one launch) sorts the token-expert pairs by expert and builds a tile schedule; `_gate_up_kernel` gathers
-each tile's token rows and writes gelu_tanh(gate) * up in expert-sorted order; `_down_kernel` applies the
-routing weight and writes one row per pair; the combine sums each token's top_k rows in a fixed order (no
-float atomics, so results are bitwise reproducible).
+graph: `route` (routing.py, one launch) sorts the token-expert pairs by expert and builds a tile schedule;
+`_gate_up_kernel` gathers each tile's token rows and writes gelu_tanh(gate) * up in expert-sorted order;
+`_down_kernel` applies the routing weight and writes one row per pair; `_combine_kernel` sums each token's top_k
+rows in a fixed order (no float atomics, so results are bitwise reproducible), skipping pairs routed to the
+sentinel expert id E (expert parallelism: another rank's expert).
 """
 
 from __future__ import annotations
@@ -377,8 +378,8 @@ def _run(hidden_states, top_k_index, top_k_weights, num_experts, intermediate, g
     # The bf16 decode is inline PTX, which Triton's CPU interpreter cannot run.
     fast_bf16 = (nvfp4 and hidden_states.dtype == torch.bfloat16 and hidden_states.is_cuda
                  and os.environ.get("TRITON_INTERPRET") != "1")
-    common = dict(NVFP4=nvfp4, FAST_BF16=fast_bf16, SWAP_AB=nvfp4 and bool(swap and swap[0]), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                  num_warps=num_warps, num_stages=num_stages)
+    common = dict(NVFP4=nvfp4, FAST_BF16=fast_bf16, SWAP_AB=nvfp4 and bool(swap and swap[0]), BLOCK_M=block_m,
+                  BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     _gate_up_kernel[(max_tiles, triton.cdiv(intermediate, block_n))](
         hidden_states, routing.sorted_pairs, routing.expert_offsets, routing.tile_expert, routing.tile_start,
         *gate_up_args, act, hidden, intermediate, top_k, **common,

@@ -9,8 +9,8 @@ forward here computes upstream's arithmetic op for op, cut into three pure funct
 3. `layer_output`: the experts' output norm, the sum with the MLP branch, the last norm, residual, layer scalar.
 
 Attention (with the cache read, through `DecoderAttention`, which fixes upstream's read of a full sliding-window
-StaticCache) and the experts stay outside, on their backends. On CUDA each region is
-compiled once by torch.compile (inductor fuses the elementwise chains); the regions touch no layer index, so
+StaticCache) and the experts stay outside, on their backends. On CUDA each region is compiled once by
+torch.compile (inductor fuses the elementwise chains); the regions touch no layer index, so
 every layer of one attention type shares one compiled graph (dynamo's recompile limit, 8, allows about four
 batch sizes in one process; past it the regions run eagerly, still correct). Elsewhere the regions run eagerly
 (tests check them bit for bit against upstream's layer). Training, gradients, and layers the regions do not
@@ -81,7 +81,8 @@ def layer_output(residual, dense, experts_output, post_feedforward_norm_2, post_
 
 def full_sliding_window(cache_layer) -> bool:
     """A static sliding-window cache layer holding a whole window (its buffer: the last `window` tokens, in order)."""
-    return isinstance(cache_layer, StaticSlidingWindowLayer) and cache_layer.cumulative_length_int >= cache_layer.max_cache_len
+    return (isinstance(cache_layer, StaticSlidingWindowLayer)
+            and cache_layer.cumulative_length_int >= cache_layer.max_cache_len)
 
 
 class DecoderAttention(upstream.DiffusionGemmaDecoderTextAttention):
