@@ -344,6 +344,17 @@ def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple, dtypes: tuple, 
     _check(tensor.is_contiguous(), f"{name} must be contiguous")
 
 
+def _check_config(config, nvfp4: bool) -> None:
+    """A benchmark's block sizes, checked before Triton would fail on them with an obscure compile error."""
+    _check(isinstance(config, (tuple, list)) and len(config) in (5, 6) and all(isinstance(v, int) for v in config),
+           f"config must be (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, swap_ab]) of ints, got {config!r}")
+    block_m, block_n, block_k = config[:3]
+    for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k)):
+        _check(value >= 16 and value & (value - 1) == 0, f"config's {name} must be a power of two >= 16, got {value}")
+    _check(not nvfp4 or block_k >= 32, f"config's BLOCK_K must be a multiple of 32 for NVFP4 weights, got {block_k}")
+    _check(len(config) == 5 or nvfp4, "config's sixth entry (swap_ab) applies to NVFP4 weights only")
+
+
 def _check_routing_inputs(hidden_states, top_k_index, top_k_weights) -> None:
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dtype not in _ACTIVATION_DTYPES:
         raise TypeError("hidden_states must be a bfloat16, float16 or float32 torch.Tensor [tokens, hidden]")
@@ -368,6 +379,8 @@ def _run(hidden_states, top_k_index, top_k_weights, num_experts, intermediate, g
     if tokens == 0:
         return out
     num_pairs = tokens * top_k
+    if config is not None:
+        _check_config(config, nvfp4)
     block_m, block_n, block_k, num_warps, num_stages, *swap = config or pick_config(num_pairs, num_experts, nvfp4)
     if config is None and hidden_states.dtype == torch.float32:
         block_k //= 2  # the table is sized for 2-byte tiles; fp32 ones would overflow shared memory

@@ -157,6 +157,20 @@ def test_sentinel_pairs_cost_nothing_and_add_zero(nvfp4):
     assert routing.expert_offsets[-1].item() == (index < experts).sum().item()
 
 
+def test_bad_block_configs_are_refused_by_name():
+    generator = torch.Generator().manual_seed(1)
+    index, weights = _routing(5, 2, 4, "random", generator)
+    x = torch.randn(5, 64, generator=generator).half()
+    gate_up, down = _weights(4, 64, 32, generator, torch.float16)
+    packed, _, _ = _nvfp4_experts(4, 64, 32, generator)
+    with pytest.raises(ValueError, match="BLOCK_N must be a power of two >= 16, got 48"):
+        moe_experts(x, index, weights, gate_up, down, config=(16, 48, 64, 4, 2))
+    with pytest.raises(ValueError, match="BLOCK_K must be a multiple of 32 for NVFP4 weights, got 16"):
+        moe_experts_nvfp4(x, index, weights, packed, config=(16, 32, 16, 4, 2, True))
+    with pytest.raises(ValueError, match="swap_ab\\) applies to NVFP4 weights only"):
+        moe_experts(x, index, weights, gate_up, down, config=(16, 32, 64, 4, 2, True))
+
+
 def test_route_sorts_stably_and_tiles_every_pair():
     generator = torch.Generator().manual_seed(0)
     index = torch.randint(0, 5, (40, 3), generator=generator)
