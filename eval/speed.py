@@ -118,7 +118,7 @@ def run_case(model, batch: int, args, engine: str) -> dict:
     layers add); dgemma_hf as it ships."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from dgemma_hf.fused_decoder import upstream_decoder_layers
+    from dgemma_hf.fused_layers import upstream_layers
 
     generator = torch.Generator(device="cuda").manual_seed(batch)
     input_ids = torch.randint(3, model.config.text_config.vocab_size, (batch, args.prompt), device="cuda",
@@ -135,7 +135,7 @@ def run_case(model, batch: int, args, engine: str) -> dict:
     def run():
         if engine == "dgemma_hf":
             return model.generate(input_ids, sampling="fused", seed=0, **kwargs)
-        with upstream_decoder_layers(model):
+        with upstream_layers(model):
             if engine == "upstream_generate":
                 return DiffusionGemmaForBlockDiffusion.generate(model, input_ids, **kwargs)
             return model.generate(input_ids, sampling="fused", seed=0, **kwargs)

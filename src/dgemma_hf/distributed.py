@@ -51,7 +51,7 @@ from transformers.distributed.expert_parallel import EPImplementation, EPImpleme
 from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 from transformers.distributed.tensor_parallel import TensorParallelLayer, apply_tensor_parallelism
 
-from .fused_decoder import use_upstream_decoder_layers
+from .fused_layers import use_upstream_layers
 
 ATTENTION = "dgemma_attention_heads"
 VOCAB_EMBEDDING = "dgemma_vocab_embedding"
@@ -151,7 +151,7 @@ def resolve_parallel_plans(model, distributed_config, resolve):
     (transformers' method) merge and expand them."""
     check_distributed_config(model.config, distributed_config)
     if distributed_config.tp_size > 1:
-        use_upstream_decoder_layers(model)
+        use_upstream_layers(model)
     model._tp_plan, model._ep_plan = parallel_plans()
     return resolve(distributed_config)
 
@@ -442,7 +442,7 @@ def parallelize(model, mesh):
     `accelerate.init_empty_weights()` for a random-weight benchmark): each parameter becomes a DTensor placeholder
     of this rank's shard, to be materialised by the caller; `from_pretrained(tp_plan="auto")` does this itself."""
     check_world_size(model.config, mesh.size())
-    use_upstream_decoder_layers(model)
+    use_upstream_layers(model)
     model._tp_plan, model._ep_plan = parallel_plans()
     apply_tensor_parallelism(model, mesh, model._expand_parallel_plan(model._tp_plan))
     model._device_mesh = mesh

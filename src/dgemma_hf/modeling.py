@@ -4,8 +4,8 @@ Same config class, weights, forward and generate semantics as upstream (transfor
 the one place where dgemma_hf's faster engine, experts and attention backends plug in. Today it adds:
 - the block-diffusion training loss when `forward` gets `labels` (training.py);
 - the "dgemma" experts backend by default (Triton MoE kernels on CUDA, upstream's grouped_mm elsewhere);
-- decoder layers whose inference forward runs in three fused regions, and decoder attention that reads a full
-  sliding-window StaticCache as a DynamicCache presents it (fused_decoder.py);
+- text layers whose inference forward runs in three fused regions (the encoder's for canvas commits), and
+  decoder attention that reads a full sliding-window StaticCache as a DynamicCache presents it (fused_layers.py);
 - checkpoint checks before loading (model type, shards, safetensors headers, quantization method);
 - argument checks before generating (empty prompt, context length, ranges of the generation settings).
 """
@@ -23,7 +23,7 @@ from .quantization.export import check_save_arguments, write_export_files
 from .training import block_diffusion_loss, check_no_training_arguments
 from .quantization.swap import nvfp4_experts_modules
 from .experts import AUTO as AUTO_EXPERTS
-from .fused_decoder import use_fused_decoder_layers
+from .fused_layers import use_fused_layers
 from .generation.checks import (
     check_canvas,
     check_context,
@@ -44,7 +44,7 @@ class DiffusionGemmaForMaskedGeneration(AttentionChecks, DiffusionGemmaForBlockD
     _can_set_experts_implementation_cached_value = True
 
     # device_map="auto" must keep a decoder layer on one device: the fused layers are upstream's, renamed.
-    _no_split_modules = [*DiffusionGemmaForBlockDiffusion._no_split_modules, "FusedDecoderLayer"]
+    _no_split_modules = [*DiffusionGemmaForBlockDiffusion._no_split_modules, "FusedDecoderLayer", "FusedEncoderLayer"]
 
     # transformers' Trainer: the training loss is a mean over this batch's target tokens (the Trainer averages it
     # over gradient-accumulation steps), so the Trainer must not pass `num_items_in_batch`.
@@ -54,7 +54,7 @@ class DiffusionGemmaForMaskedGeneration(AttentionChecks, DiffusionGemmaForBlockD
         super().__init__(config)
         # transformers resolves the default backend on the top config only; the experts read the text config.
         self.set_experts_implementation(self.config._experts_implementation)
-        use_fused_decoder_layers(self)
+        use_fused_layers(self)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # Unless the caller names one, experts run on dgemma_hf's dispatcher: Triton kernels on CUDA,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, StaticCache
 
-from ..fused_decoder import full_sliding_window
+from ..fused_layers import full_sliding_window
 from ..schedulers import DiffusersSchedulerAdapter, TextDiffusionScheduler
 from .logits_processing import LogitsProcessing, LogitsSettings
 from .stopping import stable_and_confident
@@ -329,7 +329,7 @@ class DenoisingEngine:
 
     def _mask_key(self):
         """What a captured step depends on besides the buffers: the masks' shapes, and which sliding-window cache
-        layers are full (the fused layers read a full window differently, see fused_decoder)."""
+        layers are full (the fused layers read a full window differently, see fused_layers)."""
         shapes = tuple((k, None if m is None else tuple(m.shape)) for k, m in sorted(self.mask_mapping.items()))
         return shapes, tuple(full_sliding_window(layer) for layer in self.cache.layers)
 

@@ -1,6 +1,6 @@
-"""The decoder layer as three fused regions around attention and the experts.
+"""The text layers as three fused regions around attention and the experts.
 
-Upstream's decoder layer launches ~160 small kernels per step (eleven fp32 RMSNorms of ~9 kernels each, rotary
+Upstream's text layer launches ~160 small kernels per pass (eleven fp32 RMSNorms of ~9 kernels each, rotary
 embeddings, routing softmax/top-k, residuals); at batch 1 they cost more than the expert GEMMs. The layer's
 forward here computes upstream's arithmetic op for op, cut into three pure functions of tensors:
 
@@ -13,7 +13,8 @@ StaticCache) and the experts stay outside, on their backends. On CUDA each regio
 torch.compile (inductor fuses the elementwise chains); the regions touch no layer index, so
 every layer of one attention type shares one compiled graph (dynamo's recompile limit, 8, allows about four
 batch sizes in one process; past it the regions run eagerly, still correct). Elsewhere the regions run eagerly
-(tests check them bit for bit against upstream's layer). Training, gradients, and layers the regions do not
+(tests check them bit for bit against upstream's layers). The encoder's layers use them for the canvas commits
+only (`FusedEncoderLayer`). Training, gradients, and layers the regions do not
 cover take upstream's forward: biases, wrapped or quantized projections (LoRA, bitsandbytes), hooks on
 submodules, accelerate offloading, transformers recording router logits or attention weights.
 """
@@ -157,6 +158,53 @@ def fused_regions_apply(layer, hidden_states, kwargs) -> bool:
     )
 
 
+def fused_forward(layer, hidden_states, position_embeddings, attention_mask, position_ids, past_key_values,
+                  write_cache, **kwargs):
+    """A text layer's inference forward in the three regions; `write_cache(attn, cache, key, value)` gives the
+    keys and values to attend to (the decoder reads the cache, the encoder appends to it)."""
+    device, eps = hidden_states.device, layer.config.rms_norm_eps
+    attn, router = layer.self_attn, layer.router
+    cos, sin = position_embeddings
+    query, key, value = _region(attention_inputs, device)(
+        hidden_states, layer.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight,
+        None if attn.v_proj is None else attn.v_proj.weight, attn.q_norm.weight, attn.k_norm.weight, cos, sin,
+        eps, attn.head_dim,
+    )
+    if past_key_values is not None:
+        key, value = write_cache(attn, past_key_values, key, value)
+    attention = upstream.ALL_ATTENTION_FUNCTIONS.get_interface(
+        attn.config._attn_implementation, upstream.eager_attention_forward
+    )
+    attn_output, _ = attention(
+        attn, query, key, value, attention_mask, dropout=0.0, scaling=attn.scaling,
+        sliding_window=attn.sliding_window, is_causal=attn.is_causal, position_ids=position_ids, **kwargs,
+    )
+    weights = {
+        "o_proj": attn.o_proj.weight, "post_attention_norm": layer.post_attention_layernorm.weight,
+        "pre_feedforward_norm": layer.pre_feedforward_layernorm.weight, "gate_proj": layer.mlp.gate_proj.weight,
+        "up_proj": layer.mlp.up_proj.weight, "down_proj": layer.mlp.down_proj.weight,
+        "post_feedforward_norm_1": layer.post_feedforward_layernorm_1.weight,
+        "pre_feedforward_norm_2": layer.pre_feedforward_layernorm_2.weight, "router_scale": router.scale,
+        "router_proj": router.proj.weight, "per_expert_scale": router.per_expert_scale,
+    }
+    residual, dense, experts_input, top_k_weights, top_k_index = _region(feed_forward, device)(
+        attn_output, hidden_states, weights, eps, router.scalar_root_size, router.config.top_k_experts
+    )
+    experts_output = layer.experts(experts_input, top_k_index, top_k_weights)
+    return _region(layer_output, device)(
+        residual, dense, experts_output, layer.post_feedforward_layernorm_2.weight,
+        layer.post_feedforward_layernorm.weight, layer.layer_scalar, eps,
+    )
+
+
+def _read_cache(attn, past_key_values, key, value):
+    return attn.append_to_cache(past_key_values, key, value)
+
+
+def _append_to_cache(attn, past_key_values, key, value):
+    return past_key_values.update(key, value, attn.layer_idx)
+
+
 class FusedDecoderLayer(upstream.DiffusionGemmaDecoderTextLayer):
     """Upstream's decoder layer with a fused forward for inference (same parameters, same state dict).
     `DiffusionGemmaForMaskedGeneration` gives its decoder layers this class when it is built. The regions take
@@ -168,73 +216,69 @@ class FusedDecoderLayer(upstream.DiffusionGemmaDecoderTextLayer):
         if not fused_regions_apply(self, hidden_states, kwargs):
             return super().forward(hidden_states, position_embeddings, attention_mask, position_ids,
                                    past_key_values, **kwargs)
-        device, eps = hidden_states.device, self.config.rms_norm_eps
-        attn, router = self.self_attn, self.router
-        cos, sin = position_embeddings
-        query, key, value = _region(attention_inputs, device)(
-            hidden_states, self.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight,
-            None if attn.v_proj is None else attn.v_proj.weight, attn.q_norm.weight, attn.k_norm.weight, cos, sin,
-            eps, attn.head_dim,
-        )
-        if past_key_values is not None:
-            key, value = attn.append_to_cache(past_key_values, key, value)
-        attention = upstream.ALL_ATTENTION_FUNCTIONS.get_interface(
-            attn.config._attn_implementation, upstream.eager_attention_forward
-        )
-        attn_output, _ = attention(
-            attn, query, key, value, attention_mask, dropout=0.0, scaling=attn.scaling,
-            sliding_window=attn.sliding_window, is_causal=attn.is_causal, position_ids=position_ids, **kwargs,
-        )
-        weights = {
-            "o_proj": attn.o_proj.weight, "post_attention_norm": self.post_attention_layernorm.weight,
-            "pre_feedforward_norm": self.pre_feedforward_layernorm.weight, "gate_proj": self.mlp.gate_proj.weight,
-            "up_proj": self.mlp.up_proj.weight, "down_proj": self.mlp.down_proj.weight,
-            "post_feedforward_norm_1": self.post_feedforward_layernorm_1.weight,
-            "pre_feedforward_norm_2": self.pre_feedforward_layernorm_2.weight, "router_scale": router.scale,
-            "router_proj": router.proj.weight, "per_expert_scale": router.per_expert_scale,
-        }
-        residual, dense, experts_input, top_k_weights, top_k_index = _region(feed_forward, device)(
-            attn_output, hidden_states, weights, eps, router.scalar_root_size, router.config.top_k_experts
-        )
-        experts_output = self.experts(experts_input, top_k_index, top_k_weights)
-        return _region(layer_output, device)(
-            residual, dense, experts_output, self.post_feedforward_layernorm_2.weight,
-            self.post_feedforward_layernorm.weight, self.layer_scalar, eps,
-        )
+        return fused_forward(self, hidden_states, position_embeddings, attention_mask, position_ids,
+                             past_key_values, _read_cache, **kwargs)
 
 
-def use_fused_decoder_layers(model) -> None:
-    """Gives the decoder's layers the fused forward and their attention the static-cache fix (parameters and
+class FusedEncoderLayer(upstream.DiffusionGemmaEncoderTextLayer):
+    """Upstream's encoder layer, fused like the decoder's for the canvas commits (inputs of `canvas_length`
+    tokens: the decoder's shapes, so the same compiled graphs). Prompts of other lengths take upstream's forward,
+    so a new prompt length never triggers a compilation."""
+
+    canvas_length: int | None = None  # set by `use_fused_layers`
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
+                past_key_values=None, **kwargs):
+        if hidden_states.shape[1] != self.canvas_length or not fused_regions_apply(self, hidden_states, kwargs):
+            return super().forward(hidden_states, position_embeddings, attention_mask, position_ids,
+                                   past_key_values, **kwargs)
+        return fused_forward(self, hidden_states, position_embeddings, attention_mask, position_ids,
+                             past_key_values, _append_to_cache, **kwargs)
+
+
+_FUSED = {upstream.DiffusionGemmaDecoderTextLayer: FusedDecoderLayer,
+          upstream.DiffusionGemmaEncoderTextLayer: FusedEncoderLayer}
+
+
+def _text_layers(model) -> list:
+    return [*model.model.encoder.language_model.layers, *model.model.decoder.layers]
+
+
+def use_fused_layers(model) -> None:
+    """Gives the text layers the fused forward and the decoder's attention the static-cache fix (parameters and
     buffers untouched)."""
-    for layer in model.model.decoder.layers:
-        if type(layer) is upstream.DiffusionGemmaDecoderTextLayer:
-            layer.__class__ = FusedDecoderLayer
+    for layer in _text_layers(model):
+        if type(layer) in _FUSED:
+            layer.__class__ = _FUSED[type(layer)]
+        if type(layer) is FusedEncoderLayer:
+            layer.canvas_length = model.config.canvas_length
         if type(layer.self_attn) is upstream.DiffusionGemmaDecoderTextAttention:
             layer.self_attn.__class__ = DecoderAttention
 
 
-def use_upstream_decoder_layers(model) -> list:
-    """Gives the decoder's fused layers upstream's class back, keeping the attention's cache fix (e.g. for a
+def use_upstream_layers(model) -> list:
+    """Gives the fused text layers upstream's classes back, keeping the decoder attention's cache fix (e.g. for a
     model split over ranks: the regions would bypass the split projections' own forwards); returns the layers
     it changed."""
-    layers = [layer for layer in model.model.decoder.layers if type(layer) is FusedDecoderLayer]
+    layers = [layer for layer in _text_layers(model) if type(layer) in (FusedDecoderLayer, FusedEncoderLayer)]
     for layer in layers:
-        layer.__class__ = upstream.DiffusionGemmaDecoderTextLayer
+        layer.__class__ = type(layer).__mro__[1]
     return layers
 
 
 @contextlib.contextmanager
-def upstream_decoder_layers(model):
-    """While open, the decoder's layers and attention are upstream's as they ship (e.g. to time upstream's
-    generate)."""
-    layers = use_upstream_decoder_layers(model)
-    attentions = [layer.self_attn for layer in model.model.decoder.layers if type(layer.self_attn) is DecoderAttention]
+def upstream_layers(model):
+    """While open, the text layers and the decoder's attention are upstream's as they ship (e.g. to time
+    upstream's generate)."""
+    layers = {layer: type(layer) for layer in _text_layers(model)}
+    attentions = [layer.self_attn for layer in layers if type(layer.self_attn) is DecoderAttention]
+    use_upstream_layers(model)
     for attention in attentions:
         attention.__class__ = upstream.DiffusionGemmaDecoderTextAttention
     try:
         yield
     finally:
-        for layer in layers:
-            layer.__class__ = FusedDecoderLayer
+        for layer, cls in layers.items():
+            layer.__class__ = cls
         for attention in attentions:
             attention.__class__ = DecoderAttention

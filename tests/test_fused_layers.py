@@ -1,4 +1,4 @@
-"""The fused decoder layer (fused_decoder.py) computes upstream's decoder layer."""
+"""The fused text layers (fused_layers.py) compute upstream's layers."""
 
 import pytest
 import torch
@@ -6,21 +6,21 @@ from transformers import StaticCache
 from transformers.models.diffusion_gemma import modeling_diffusion_gemma as upstream
 
 from conftest import TINY_VARIANTS, build_pair, left_padded_batch, variant_config
-from dgemma_hf import fused_decoder
-from dgemma_hf.fused_decoder import FusedDecoderLayer
+from dgemma_hf import fused_layers
+from dgemma_hf.fused_layers import FusedDecoderLayer, FusedEncoderLayer
 
 
 @pytest.fixture
 def region_calls(monkeypatch):
     """Counts the fused forwards that run (one feed_forward region per fused layer call)."""
     calls = []
-    original = fused_decoder.feed_forward
+    original = fused_layers.feed_forward
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(fused_decoder, "feed_forward", counted)
+    monkeypatch.setattr(fused_layers, "feed_forward", counted)
     return calls
 
 
@@ -164,11 +164,11 @@ def test_compiled_regions_match_eager_regions_on_cuda(tokenizer):
     assert 3 <= counters["stats"]["unique_graphs"] <= 4
 
 
-def test_upstream_decoder_layers_context_restores_the_fused_layers(tokenizer):
-    from dgemma_hf.fused_decoder import upstream_decoder_layers
+def test_upstream_layers_context_restores_the_fused_layers(tokenizer):
+    from dgemma_hf.fused_layers import upstream_layers
 
     model = build_pair(variant_config("default"), tokenizer)[0]
-    with upstream_decoder_layers(model):
+    with upstream_layers(model):
         assert all(type(layer) is upstream.DiffusionGemmaDecoderTextLayer for layer in model.model.decoder.layers)
     assert all(type(layer) is FusedDecoderLayer for layer in model.model.decoder.layers)
 
@@ -206,5 +206,40 @@ def test_a_full_sliding_window_static_cache_reads_like_a_dynamic_cache(variant, 
     dynamic = step_logits(DynamicCache(config=text_config))
     static = lambda: StaticCache(config=text_config, max_cache_len=length + 2 * canvas_length)  # noqa: E731
     assert (step_logits(static()) - dynamic).abs().max().item() < 1e-5
-    with fused_decoder.upstream_decoder_layers(model):  # upstream as it ships overwrites the window's tail
+    with fused_layers.upstream_layers(model):  # upstream as it ships overwrites the window's tail
         assert (step_logits(static()) - dynamic).abs().max().item() > 0.1
+
+
+@pytest.mark.parametrize("variant", list(TINY_VARIANTS))
+def test_encoder_commits_are_fused_and_equal_upstream_exactly(variant, tokenizer, region_calls):
+    """A canvas commit (canvas_length tokens) runs the encoder's fused layers, bit-identical to upstream's on the
+    CPU; a prompt of another length takes upstream's forward (no compilation per prompt length)."""
+    from transformers import DynamicCache
+
+    config = variant_config(variant)
+    ours, upstream_model = build_pair(config, tokenizer, seed=13)
+    assert all(type(layer) is FusedEncoderLayer for layer in ours.model.encoder.language_model.layers)
+    input_ids, attention_mask = left_padded_batch(
+        tokenizer, ["The river runs past the old mill, under the stone bridge", "Tom has 3 apples."])
+    length, canvas_length = input_ids.shape[1], config.canvas_length
+    assert length != canvas_length
+    canvas = torch.randint(config.text_config.vocab_size, (2, canvas_length), generator=torch.Generator().manual_seed(1))
+    mask = torch.nn.functional.pad(attention_mask.bool(), (0, canvas_length), value=True)
+    states, counts = [], []
+    for model in (ours, upstream_model):
+        cache = DynamicCache(config=config.get_text_config(decoder=True))
+        with torch.no_grad():
+            region_calls.clear()
+            for ids, attention, positions in ((input_ids, attention_mask.bool(), torch.arange(length)),
+                                               (canvas, mask, torch.arange(length, length + canvas_length))):
+                ids, masks = model._prepare_encoder_inputs(
+                    input_ids=ids, attention_mask=attention, encoder_position_ids=positions[None],
+                    past_key_values=cache, is_prefill=True, canvas_length=canvas_length, batch_size=2)
+                hidden = model.model.encoder(input_ids=ids, attention_mask=masks, past_key_values=cache,
+                                             position_ids=positions[None]).last_hidden_state
+                counts.append(len(region_calls))
+        states.append((hidden, [layer.keys for layer in cache.layers]))
+    assert torch.equal(states[0][0], states[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(states[0][1], states[1][1]))
+    layers = len(ours.model.encoder.language_model.layers)
+    assert counts == [0, layers, 0, 0]  # ours: prompt upstream's way, commit fused; upstream: never fused
