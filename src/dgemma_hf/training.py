@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaBlockDiffusionOutputWithPast
 
+from .generation.checks import check_canvas_tensor
+
 IGNORE_INDEX = -100
 DEFAULT_SELF_CONDITIONING_PROB = 0.5
 
@@ -273,13 +275,7 @@ def _check_prompt(input_ids, attention_mask) -> torch.Tensor:
 
 
 def _check_labels(labels, batch_size: int, canvas_length: int, vocab_size: int) -> None:
-    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64):
-        raise TypeError("`labels` must be an integer torch.Tensor of shape [batch, canvas_length]")
-    if tuple(labels.shape) != (batch_size, canvas_length):
-        raise ValueError(
-            f"`labels` must have shape {(batch_size, canvas_length)} (batch, config.canvas_length), "
-            f"got {tuple(labels.shape)}"
-        )
+    check_canvas_tensor("labels", labels, batch_size, canvas_length)
     targets = labels != IGNORE_INDEX
     if not bool(targets.any()):
         raise ValueError(f"`labels` has no target: every position is {IGNORE_INDEX} (ignored)")

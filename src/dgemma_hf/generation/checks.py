@@ -106,15 +106,20 @@ def check_context(prompt_length: int, max_new_tokens: int, canvas_length: int, m
         )
 
 
+def check_canvas_tensor(name: str, canvas, batch_size: int, canvas_length: int) -> None:
+    """A [batch, canvas_length] integer tensor of token ids (a starting canvas, training labels)."""
+    if not isinstance(canvas, torch.Tensor) or canvas.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"`{name}` must be an integer torch.Tensor of shape [batch, canvas_length]")
+    if tuple(canvas.shape) != (batch_size, canvas_length):
+        raise ValueError(
+            f"`{name}` must have shape {(batch_size, canvas_length)} (batch, config.canvas_length), "
+            f"got {tuple(canvas.shape)}"
+        )
+
+
 def check_canvas(decoder_input_ids, batch_size: int, canvas_length: int, vocab_size: int) -> None:
     if decoder_input_ids is None:
         return
-    if not isinstance(decoder_input_ids, torch.Tensor) or decoder_input_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError("`decoder_input_ids` must be an integer torch.Tensor of shape [batch, canvas_length]")
-    if tuple(decoder_input_ids.shape) != (batch_size, canvas_length):
-        raise ValueError(
-            f"`decoder_input_ids` must have shape {(batch_size, canvas_length)} (batch, canvas_length), "
-            f"got {tuple(decoder_input_ids.shape)}"
-        )
+    check_canvas_tensor("decoder_input_ids", decoder_input_ids, batch_size, canvas_length)
     if decoder_input_ids.numel() and (decoder_input_ids.min() < 0 or decoder_input_ids.max() >= vocab_size):
         raise ValueError(f"`decoder_input_ids` must hold token ids in [0, {vocab_size})")
