@@ -3,25 +3,40 @@
 For each row r of `logits` [R, V] (fp32) at inverse temperature `inv_temperature` (a device scalar, so a
 captured CUDA graph can change it between replays), with x = logits[r] * inv_temperature:
 
-- `sampled[r]`: a sample from softmax(x), by Gumbel-max with a counter-based generator (Philox keyed by the
-  row's seed, `counter` and the row's position among the rows of its seed): the same (seed, counter, position)
-  gives the same tokens whatever ran before and whatever other rows are in the batch;
+- `sampled[r]`: a sample from softmax(x), by Gumbel-max with a counter-based generator: token i takes word i % 4
+  of Philox-4x32-10 keyed by the row's seed at counter (stream_lo, stream_hi, 0, i // 4), the 64-bit stream being
+  `counter` * rows_per_seed + the row's position among the rows of its seed. So the same (seed, counter, position)
+  gives the same tokens whatever ran before, whatever other rows are in the batch and however the work is split;
 - `argmax[r]`: the first index of max(x);
-- `entropy[r]`: H(softmax(x)) = m + log(s) - sum(e * x) / s, with m the max, e = exp(x - m), s = sum(e);
+- `entropy[r]`: H(softmax(x)) = log(s) - sum(e * (x - m)) / s, with m the max, e = exp(x - m), s = sum(e);
 - `max_prob[r]`: softmax(x)[argmax];
 - `log_norm[r]`: m + log(s), so softmax(x) = exp(x - log_norm) can be rebuilt chunk by chunk later;
-- `noise[r]`: a uniform random token in [0, V) for renoising.
+- `noise[r]`: a uniform random token in [0, V) for renoising (word 0 of Philox at counter (stream_lo, stream_hi, 1, 0)).
 
-Online softmax over blocks of BLOCK_V, so the logits are read once.
+Two kernels, so that enough programs stream the logits to fill the GPU:
+1. `_partial_kernel`, grid (R, splits): each program reads one contiguous slice of a row (a multiple of BLOCK_V),
+   once, block by block with an online softmax, and writes the slice's max, s, sum(e * (x - m)), first argmax,
+   best Gumbel score and its index to a small workspace;
+2. `_combine_kernel`, BLOCK_R rows per program: merges a row's slices in a fixed order (deterministic; ties go to
+   the earliest index) and writes the outputs.
+Both work in base 2 (x scaled by log2(e)): exp2 and log2 are single instructions on the GPU.
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# Many waves of programs on a 132-SM GPU (about 5 resident per SM), so the last, partial wave costs little.
+_TARGET_PROGRAMS = 8192
+_BLOCK_R = 32  # rows per combining program
 
 
 class TokenStats(NamedTuple):
@@ -34,55 +49,134 @@ class TokenStats(NamedTuple):
 
 
 @triton.jit
-def _sampler_kernel(
-    logits_ptr, stride_row, inv_temperature_ptr, seed_ptr, counter_ptr,
-    sampled_ptr, argmax_ptr, entropy_ptr, max_prob_ptr, log_norm_ptr, noise_ptr,
-    V, ROWS_PER_SEED, BLOCK_V: tl.constexpr,
+def _log2(x, FAST: tl.constexpr):
+    # lg2.approx on the GPU; Triton's CPU interpreter has no libdevice.
+    if FAST:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _gumbel2(bits, FAST_LOG2: tl.constexpr):
+    """Gumbel noise in base-2 units, -log2(E) with E = -log2(1 - w) exponential, from 32 random bits (w =
+    (bits + 1/2) / 2^32 in (0, 1)). The large noise that decides samples comes from small w, where 1 - w rounds and
+    lg2.approx has only absolute accuracy: there a series in w; elsewhere 1 - w = (~bits + 1/2) / 2^32, which
+    does not cancel."""
+    small = bits < 2**25  # w < 2^-7: the series' next term is below 2^-23 relative
+    q = tl.fma(tl.where(small, bits, ~bits).to(tl.float32), 2.0**-32, 2.0**-33)
+    series = tl.fma(tl.fma(q, LOG2E / 3, LOG2E / 2), q, LOG2E) * q
+    return -_log2(tl.where(small, series, -_log2(q, FAST_LOG2)), FAST_LOG2)  # finite: in [-5.1, 32.5]
+
+
+@triton.jit
+def _partial_kernel(
+    logits_ptr, stride_row, inv_temperature_ptr, seed_ptr, counter_ptr, stats_ptr, index_ptr,
+    V, CHUNK, ROWS_PER_SEED, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr, FAST_LOG2: tl.constexpr,
 ):
     row = tl.program_id(0)
-    inv_t = tl.load(inv_temperature_ptr)
+    split = tl.program_id(1)
+    # x = logits * scale in base 2. Maxima and argmaxes are taken on the logits themselves (scale > 0 keeps their
+    # order), so x is only ever needed inside an fma.
+    scale = tl.load(inv_temperature_ptr) * LOG2E
     seed = tl.load(seed_ptr + row // ROWS_PER_SEED)
-    # One Philox stream per (seed, counter, position): offsets index the vocabulary, the last one feeds the noise.
     stream = tl.load(counter_ptr) * ROWS_PER_SEED + row % ROWS_PER_SEED
+    stream_lo = stream.to(tl.uint32)
+    stream_hi = (stream >> 32).to(tl.uint32)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    m = -float("inf")
-    s = 0.0
-    t = 0.0
-    best = -float("inf")
+    m = -float("inf")  # max logit so far
+    ref = 0.0  # m * scale, or 0 while m = -inf: what x is taken relative to
+    s = 0.0  # sum of e = exp2(x - ref)
+    t = 0.0  # sum of e * (x - ref): no term cancels another, nor in the entropy log2(s) - t / s
     best_idx = 0
     gumbel_best = -float("inf")
     gumbel_idx = 0
-    for v0 in range(0, V, BLOCK_V):
+    start = split * CHUNK
+    for v0 in range(start, tl.minimum(start + CHUNK, V), BLOCK_V):
         idx = v0 + tl.arange(0, BLOCK_V)
-        valid = idx < V
-        x = tl.load(row_ptr + idx, mask=valid, other=-float("inf")) * inv_t
-        block_max = tl.max(x, axis=0)
-        m_new = tl.maximum(m, block_max)
-        # Filtered tokens are -inf (top-k, top-p ...): a finite reference keeps exp() free of inf - inf.
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-        rescale = tl.exp(m - m_ref)
-        e = tl.where(valid, tl.exp(x - m_ref), 0.0)
-        s = s * rescale + tl.sum(e, axis=0)
-        t = t * rescale + tl.sum(tl.where(e > 0, e * x, 0.0), axis=0)
-        m = m_new
-        # First index of the block's max; strict '>' keeps the earliest block on ties.
-        block_idx = tl.min(tl.where(x == block_max, idx, V), axis=0)
-        best_idx = tl.where(block_max > best, block_idx, best_idx)
-        best = tl.maximum(best, block_max)
-        u = tl.rand(seed, stream.to(tl.int64) * (V + 1) + idx)
-        g = tl.where(valid, x - tl.log(-tl.log(u)), -float("inf"))
+        if EVEN_V:  # no mask to build and apply
+            logit = tl.load(row_ptr + idx)
+        else:
+            logit = tl.load(row_ptr + idx, mask=idx < V, other=-float("inf"))
+        # One Philox call per 4 tokens, word j to token 4k + j. The token group is the last counter word: the
+        # first rounds mix only the row's uniform words, computed once per program.
+        group = (v0 // 4 + tl.arange(0, BLOCK_V // 4)).to(tl.uint32)
+        zero = group * 0
+        w0, w1, w2, w3 = tl.philox(seed, zero + stream_lo, zero + stream_hi, zero, group)
+        bits = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
+        g = tl.fma(logit, scale, _gumbel2(bits, FAST_LOG2))
+        block_max = tl.max(logit, axis=0)
         g_max = tl.max(g, axis=0)
-        g_idx = tl.min(tl.where(g == g_max, idx, V), axis=0)
-        gumbel_idx = tl.where(g_max > gumbel_best, g_idx, gumbel_idx)
-        gumbel_best = tl.maximum(gumbel_best, g_max)
-    log_s = tl.log(s)
-    tl.store(sampled_ptr + row, gumbel_idx.to(tl.int64))
-    tl.store(argmax_ptr + row, best_idx.to(tl.int64))
-    tl.store(entropy_ptr + row, m + log_s - t / s)
-    tl.store(max_prob_ptr + row, tl.exp(best - m) / s)
-    tl.store(log_norm_ptr + row, m + log_s)
-    noise = tl.randint(seed, stream.to(tl.int64) * (V + 1) + V)
-    tl.store(noise_ptr + row, noise.to(tl.int64) % V)
+        # Rare after the first blocks; strict '>' keeps the earliest block on ties.
+        if block_max > m:
+            best_idx = tl.min(tl.where(logit == block_max, idx, V), axis=0)
+        if g_max > gumbel_best:
+            gumbel_idx = tl.min(tl.where(g == g_max, idx, V), axis=0)
+            gumbel_best = g_max
+        m_new = tl.maximum(m, block_max)
+        # Filtered tokens are -inf (top-k, top-p ...): a finite reference keeps exp2() free of inf - inf.
+        ref_new = tl.where(m_new == -float("inf"), 0.0, m_new) * scale
+        d = tl.fma(logit, scale, -ref_new)
+        e = tl.exp2(d)
+        rescale = tl.exp2(m * scale - ref_new)
+        # e = 0 on -inf tokens: e * d is 0 there, not 0 * -inf.
+        t = (t + s * (ref - ref_new)) * rescale + tl.sum(e * tl.maximum(d, -3.0e38), axis=0)
+        s = s * rescale + tl.sum(e, axis=0)
+        m = m_new
+        ref = ref_new
+    # Workspace planes of [R, splits]: stats (max logit, s, t, best Gumbel score), indices (argmax, sample).
+    plane = tl.num_programs(0) * tl.num_programs(1)
+    slot = row * tl.num_programs(1) + split
+    tl.store(stats_ptr + slot, m)
+    tl.store(stats_ptr + plane + slot, s)
+    tl.store(stats_ptr + 2 * plane + slot, t)
+    tl.store(stats_ptr + 3 * plane + slot, gumbel_best)
+    tl.store(index_ptr + slot, best_idx)
+    tl.store(index_ptr + plane + slot, gumbel_idx)
+
+
+@triton.jit
+def _combine_kernel(
+    stats_ptr, index_ptr, inv_temperature_ptr, seed_ptr, counter_ptr,
+    sampled_ptr, argmax_ptr, entropy_ptr, max_prob_ptr, log_norm_ptr, noise_ptr,
+    R, V, SPLITS, ROWS_PER_SEED, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    splits = tl.arange(0, BLOCK_S)
+    ok = row_ok[:, None] & (splits < SPLITS)[None, :]
+    slot = rows[:, None] * SPLITS + splits[None, :]
+    plane = R * SPLITS
+    m = tl.load(stats_ptr + slot, mask=ok, other=-float("inf"))
+    s = tl.load(stats_ptr + plane + slot, mask=ok, other=0.0)
+    t = tl.load(stats_ptr + 2 * plane + slot, mask=ok, other=0.0)
+    g = tl.load(stats_ptr + 3 * plane + slot, mask=ok, other=-float("inf"))
+    best_idx = tl.load(index_ptr + slot, mask=ok, other=V)
+    gumbel_idx = tl.load(index_ptr + plane + slot, mask=ok, other=V)
+    scale = tl.load(inv_temperature_ptr) * LOG2E
+    row_max = tl.max(m, axis=1)
+    # A slice's sums are relative to its own reference (as the partial kernel rounded it); move them to the row's.
+    ref = tl.where(m == -float("inf"), 0.0, m) * scale
+    row_ref = tl.where(row_max == -float("inf"), 0.0, row_max) * scale
+    weight = tl.exp2(m * scale - row_ref[:, None])  # 0 for slices of filtered tokens only
+    s_row = tl.sum(s * weight, axis=1)
+    t_row = tl.sum((t + s * (ref - row_ref[:, None])) * weight, axis=1)
+    # Slices are in vocabulary order, each holding its first index: the smallest index among the best is the first.
+    argmax = tl.min(tl.where(m == row_max[:, None], best_idx, V), axis=1)
+    g_row = tl.max(g, axis=1)
+    sampled = tl.min(tl.where(g == g_row[:, None], gumbel_idx, V), axis=1)
+    log2_s = tl.log2(s_row)
+    seed = tl.load(seed_ptr + rows // ROWS_PER_SEED, mask=row_ok, other=0)
+    stream = tl.load(counter_ptr) * ROWS_PER_SEED + rows % ROWS_PER_SEED
+    zero = rows.to(tl.uint32) * 0
+    noise, _, _, _ = tl.philox(seed, stream.to(tl.uint32), (stream >> 32).to(tl.uint32), zero + 1, zero)
+    tl.store(sampled_ptr + rows, sampled.to(tl.int64), mask=row_ok)
+    tl.store(argmax_ptr + rows, argmax.to(tl.int64), mask=row_ok)
+    tl.store(entropy_ptr + rows, (log2_s - t_row / s_row) * LN2, mask=row_ok)
+    # The max token's e, as the partial kernel computed it (the fma keeps logit * scale unrounded): 1, to rounding, when alone.
+    tl.store(max_prob_ptr + rows, tl.exp2(tl.fma(row_max, scale, -row_ref)) / s_row, mask=row_ok)
+    tl.store(log_norm_ptr + rows, (row_ref + log2_s) * LN2, mask=row_ok)
+    tl.store(noise_ptr + rows, noise.to(tl.int64) % V, mask=row_ok)
 
 
 def sample_tokens(
@@ -92,10 +186,13 @@ def sample_tokens(
     counter: torch.Tensor,
     out: TokenStats | None = None,
     block_v: int = 2048,
+    splits: int | None = None,
 ) -> TokenStats:
     """Runs the fused sampler on `logits` [R, V] fp32 (rows contiguous). `inv_temperature` (fp32) and `counter`
     (int64) are one-element device tensors; `seeds` (int64 [S], S dividing R) gives consecutive groups of
-    R / S rows their own seed (one per sequence of a batch); `out`, optional, holds preallocated outputs."""
+    R / S rows their own seed (one per sequence of a batch); `out`, optional, holds preallocated outputs.
+    `block_v` (a power of two) is the vocabulary block a program reads at a time; `splits`, by default a function
+    of R and V that fills the GPU, the number of programs sharing a row. Neither changes the sampled tokens."""
     if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or logits.ndim != 2:
         raise TypeError("logits must be a float32 torch.Tensor [rows, vocab]")
     if logits.stride(1) != 1:
@@ -111,8 +208,8 @@ def sample_tokens(
         raise TypeError("seeds must be a 1-D torch.int64 tensor [number of seeds]")
     if rows % seeds.numel() or seeds.device != logits.device:
         raise ValueError(f"seeds ({seeds.numel()} on {seeds.device}) must divide the {rows} rows, on {logits.device}")
+    device = logits.device
     if out is None:
-        device = logits.device
         out = TokenStats(
             sampled=torch.empty(rows, dtype=torch.int64, device=device),
             argmax=torch.empty(rows, dtype=torch.int64, device=device),
@@ -121,9 +218,26 @@ def sample_tokens(
             log_norm=torch.empty(rows, dtype=torch.float32, device=device),
             noise=torch.empty(rows, dtype=torch.int64, device=device),
         )
-    if rows:
-        _sampler_kernel[(rows,)](
-            logits, logits.stride(0), inv_temperature, seeds, counter,
-            *out, vocab, rows // seeds.numel(), BLOCK_V=min(block_v, triton.next_power_of_2(vocab)),
-        )
+    if splits is not None and splits < 1:
+        raise ValueError(f"splits must be positive, got {splits}")
+    if not rows or not vocab:
+        return out
+    # Tokens come 4 per Philox call, so blocks of at least 4.
+    block_v = max(4, min(block_v, triton.next_power_of_2(vocab)))
+    blocks = triton.cdiv(vocab, block_v)
+    splits = min(blocks, splits or triton.cdiv(_TARGET_PROGRAMS, rows))
+    chunk = triton.cdiv(blocks, splits) * block_v
+    splits = triton.cdiv(vocab, chunk)  # no empty slice
+    stats = torch.empty(4, rows, splits, dtype=torch.float32, device=device)
+    indices = torch.empty(2, rows, splits, dtype=torch.int32, device=device)
+    rows_per_seed = rows // seeds.numel()
+    fast_log2 = logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    _partial_kernel[(rows, splits)](
+        logits, logits.stride(0), inv_temperature, seeds, counter, stats, indices,
+        vocab, chunk, rows_per_seed, BLOCK_V=block_v, EVEN_V=vocab % block_v == 0, FAST_LOG2=fast_log2,
+    )
+    _combine_kernel[(triton.cdiv(rows, _BLOCK_R),)](
+        stats, indices, inv_temperature, seeds, counter, *out, rows, vocab, splits, rows_per_seed,
+        BLOCK_R=_BLOCK_R, BLOCK_S=triton.next_power_of_2(splits),
+    )
     return out

@@ -59,6 +59,49 @@ def test_sampler_is_counter_based():
     assert not torch.equal(a.sampled, c.sampled)
 
 
+def test_sampler_split_and_block_size_change_nothing():
+    """A token's random number depends on (seed, stream, token) only and slices merge exactly: any split of the
+    vocabulary over programs and any block size give the same tokens, and the same statistics up to rounding. The
+    vocabulary is no multiple of the blocks and holds filtered (-inf) tokens, whole blocks of them in row 2."""
+    generator = torch.Generator().manual_seed(8)
+    rows, vocab = 6, 1000
+    logits = 3 * torch.randn(rows, vocab, generator=generator)
+    logits[torch.rand(rows, vocab, generator=generator) < 0.3] = float("-inf")
+    logits[2, 100:700] = float("-inf")
+    lone = torch.randint(0, vocab, (), generator=generator).item()
+    logits[1] = float("-inf")
+    logits[1, lone] = -7.0  # the only token left: always drawn
+    logits = logits.to(DEVICE)
+    scalars = _scalars(1.25, 11, 2)
+    whole = sample_tokens(logits, *scalars, block_v=1024, splits=1)
+    for block_v, splits in [(64, None), (128, 3), (16, 64)]:
+        split = sample_tokens(logits, *scalars, block_v=block_v, splits=splits)
+        for name in ("sampled", "argmax", "noise"):
+            assert torch.equal(getattr(split, name), getattr(whole, name)), (name, block_v, splits)
+        for name in ("entropy", "max_prob", "log_norm"):
+            torch.testing.assert_close(getattr(split, name), getattr(whole, name), rtol=1e-6, atol=1e-6)
+    x = (logits * 1.25).double().cpu()
+    assert torch.isfinite(x.gather(1, whole.sampled.cpu()[:, None])).all()  # never a filtered token
+    assert whole.sampled[1].item() == whole.argmax[1].item() == lone and abs(whole.max_prob[1].item() - 1.0) < 1e-6
+    assert whole.argmax.tolist() == x.argmax(-1).tolist()
+    entropy = torch.distributions.Categorical(logits=x).entropy()
+    assert torch.allclose(whole.entropy.cpu().double(), entropy, atol=1e-4)
+    assert torch.allclose(whole.log_norm.cpu().double(), torch.logsumexp(x, -1), atol=1e-4)
+
+
+def test_sampler_draws_the_tail_as_often_as_it_should():
+    """One token holds half the probability and 4095 others share the rest: those win through the largest Gumbel
+    noise of thousands of draws (the generator's tail), together as often as the one token."""
+    vocab, rows = 4096, 600
+    generator = torch.Generator().manual_seed(9)
+    heavy = torch.randint(0, vocab, (), generator=generator).item()
+    logits = torch.zeros(rows, vocab)
+    logits[:, heavy] = torch.tensor(vocab - 1.0).log()
+    stats = sample_tokens(logits.to(DEVICE), *_scalars(1.0, torch.randint(0, 2**40, (), generator=generator).item(), 0))
+    share = (stats.sampled == heavy).double().mean().item()
+    assert abs(share - 0.5) < 4 * (0.25 / rows) ** 0.5
+
+
 def test_sampler_checks_inputs():
     logits = torch.randn(2, 10)
     with pytest.raises(TypeError, match="logits must be a float32"):
@@ -66,6 +109,8 @@ def test_sampler_checks_inputs():
     with pytest.raises(TypeError, match="seeds must be a 1-D torch.int64 tensor"):
         sample_tokens(logits.to(DEVICE), torch.tensor([1.0], device=DEVICE), torch.tensor([1.0], device=DEVICE),
                       torch.tensor([0], device=DEVICE))
+    with pytest.raises(ValueError, match="splits must be positive"):
+        sample_tokens(logits.to(DEVICE), *_scalars(1.0, 0, 0), splits=0)
 
 
 @pytest.mark.parametrize("stability", [0, 1, 2])
@@ -258,7 +303,9 @@ def test_chunked_prefill_generates_what_one_prefill_does(variant, sampling, toke
     assert len(passes) == -(-input_ids.shape[1] // 7) + 1  # the prompt's chunks, then one commit
     whole, chunked = outputs
     assert torch.equal(whole.sequences, chunked.sequences)
+    # Chunks change the GPU's reduction orders (fp32 GEMMs of other shapes), not the CPU's.
+    tolerance = 1e-5 if DEVICE == "cpu" else 2e-3
     for a, b in zip(whole.past_key_values.layers, chunked.past_key_values.layers):
-        assert (a.keys - b.keys).abs().max().item() < 1e-5
+        assert (a.keys - b.keys).abs().max().item() < tolerance
     with pytest.raises(ValueError, match="`prefill_chunk_size` must be a positive integer"):
         model.generate(input_ids, prefill_chunk_size=0, **kwargs)
