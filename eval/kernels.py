@@ -1,6 +1,6 @@
 """GPU benchmark of the MoE experts kernels at DiffusionGemma 26B-A4B's layer shape.
 
-    python -m eval.kernels [--tokens 256,1024,2048] [--sweep] [--out results/kernels.json]
+    python -m eval.kernels [--tokens 256,1024,2048] [--formats bf16,nvfp4] [--sweep] [--out results/kernels.json]
 
 One MoE layer (hidden 2816, expert intermediate 704, 128 experts, top-8, random weights and routing) for
 each token count, in one process: transformers' `grouped_mm` bf16 experts (the baseline), our Triton bf16
@@ -118,7 +118,8 @@ def sweep_configs(tokens: int, nvfp4: bool):
     return list(itertools.product(block_ms, (64, 128), (64, 128) if small else (64,), (4,), (3, 4)))
 
 
-def bench_tokens(tokens: int, ceilings: dict, sweep: bool, generator: torch.Generator) -> list[dict]:
+def bench_tokens(tokens: int, ceilings: dict, sweep: bool, generator: torch.Generator,
+                 formats=("bf16", "nvfp4")) -> list[dict]:
     import triton.testing
 
     from dgemma_hf.kernels.moe import moe_experts, moe_experts_nvfp4, pick_config
@@ -152,6 +153,8 @@ def bench_tokens(tokens: int, ceilings: dict, sweep: bool, generator: torch.Gene
     }
     rows = []
     for name, (run, want, bytes_) in cases.items():
+        if name.startswith("triton") and name.rpartition("_")[2] not in formats:
+            continue
         configs = [None]
         if sweep and name.startswith("triton"):
             configs += sweep_configs(tokens, nvfp4=name.endswith("nvfp4"))
@@ -190,6 +193,8 @@ def bench_tokens(tokens: int, ceilings: dict, sweep: bool, generator: torch.Gene
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="256,1024,2048", help="comma-separated token counts")
+    parser.add_argument("--formats", default="bf16,nvfp4", help="comma-separated Triton expert weight formats to "
+                        "time (transformers' grouped_mm bf16 always runs, as the baseline)")
     parser.add_argument("--sweep", action="store_true", help="also try the block-size candidates")
     parser.add_argument("--out", type=Path, default=Path("results/kernels.json"))
     args = parser.parse_args(argv)
@@ -198,6 +203,9 @@ def main(argv=None) -> int:
     token_counts = [int(t) for t in args.tokens.split(",")]
     if any(t <= 0 for t in token_counts):
         raise SystemExit(f"--tokens must be positive integers, got {args.tokens}")
+    formats = args.formats.split(",")
+    if not formats or any(f not in ("bf16", "nvfp4") for f in formats):
+        raise SystemExit(f"--formats takes bf16 and/or nvfp4, got {args.formats!r}")
     import dgemma_hf  # noqa: F401  (registers the experts backends)
 
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -205,7 +213,7 @@ def main(argv=None) -> int:
     report = {"card": torch.cuda.get_device_name(), "ceilings": ceilings, "shape": {
         "hidden": HIDDEN, "intermediate": INTERMEDIATE, "experts": EXPERTS, "top_k": TOP_K}, "rows": []}
     for tokens in token_counts:
-        report["rows"] += bench_tokens(tokens, ceilings, args.sweep, generator)
+        report["rows"] += bench_tokens(tokens, ceilings, args.sweep, generator, formats)
         torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

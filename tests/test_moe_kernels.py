@@ -236,3 +236,41 @@ def test_kernel_layout_puts_sixteen_consecutive_elements_in_each_nibble_half():
     assert torch.equal(unpacked.transpose(-1, -2).flatten(-3), codes)
     with pytest.raises(ValueError, match="multiple of 16"):
         to_kernel_layout(torch.zeros(2, 8, dtype=torch.uint8))
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_decode_is_exact_for_every_code_and_scale():
+    """The GPU-only bf16 path (inline PTX, which the interpreter cannot run): every byte of two E2M1 codes under
+    every pair of finite E4M3 scales (subnormals included) decodes to exactly e2m1 * scale * 2^-7."""
+    if DEVICE != "cuda":
+        pytest.skip("inline PTX needs a GPU")
+    import triton
+    import triton.language as tl
+
+    from dgemma_hf.kernels.moe import _decode_bf16, _e4m3_pairs_bf16
+    from dgemma_hf.kernels.nvfp4 import E2M1_VALUES
+
+    @triton.jit
+    def probe(packed_ptr, pairs_ptr, low_ptr, high_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n
+        scale_low, scale_high = _e4m3_pairs_bf16(tl.load(pairs_ptr + i, mask=mask, other=0))
+        low, high = _decode_bf16(tl.load(packed_ptr + i, mask=mask, other=0), scale_low, scale_high)
+        tl.store(low_ptr + i, low, mask=mask)
+        tl.store(high_ptr + i, high, mask=mask)
+
+    finite = torch.arange(127, dtype=torch.int32)  # E4M3 (fn) bit patterns 0..126; 127 is NaN
+    byte, scale_low, scale_high = torch.meshgrid(torch.arange(256, dtype=torch.int32), finite, finite, indexing="ij")
+    byte, scale_low, scale_high = byte.flatten(), scale_low.flatten(), scale_high.flatten()
+    pairs = (scale_low | (scale_high << 8)).to(torch.int16)  # low byte first, as two adjacent scale bytes
+    n = byte.numel()
+    low = torch.empty(n, dtype=torch.bfloat16, device=DEVICE)
+    high = torch.empty_like(low)
+    probe[(triton.cdiv(n, 1024),)](byte.to(torch.uint8).to(DEVICE), pairs.to(DEVICE), low, high, n, BLOCK=1024)
+
+    def value(codes, scales):
+        e4m3 = scales.to(torch.uint8).view(torch.float8_e4m3fn).float()
+        return (E2M1_VALUES[codes] * e4m3 * 2.0**-7).to(torch.bfloat16)
+
+    assert torch.equal(low.cpu(), value(byte & 15, scale_low))
+    assert torch.equal(high.cpu(), value(byte >> 4, scale_high))
