@@ -25,7 +25,7 @@ import pytest
 from transformers import AutoModel, AutoTokenizer, DistributedConfig, pipeline
 
 import dgemma_hf
-from dgemma_hf import DiffusionGemmaForMaskedGeneration
+from dgemma_hf import DiffusionGemmaForMaskedGeneration, fused_layers
 from dgemma_hf.distributed import (
     check_world_size,
     parallel_plans,
@@ -83,8 +83,20 @@ def worker(checkpoint: str, out_dir: str) -> None:
         "tied": model.model.encoder.language_model.layers[1].experts.down_proj is decoder.layers[1].experts.down_proj,
         "decoder_layer": type(decoder.layers[0]).__name__,
     }
+    # The split layers keep the fused forward (local shards, all-reduces in the regions): count its calls.
+    fused_calls = []
+    fused_forward = fused_layers.fused_forward
+
+    def counting(layer, projections, *args, **kwargs):
+        fused_calls.append(projections["group"] is not None)
+        return fused_forward(layer, projections, *args, **kwargs)
+
+    fused_layers.fused_forward = counting
     # A different torch seed on each rank: generate() must hand rank 0's random state to every rank.
     result["reference"] = _reference(model, tokenizer, SEED + 100 * rank)
+    fused_layers.fused_forward = fused_forward
+    result["layout"]["fused_calls"] = len(fused_calls)
+    result["layout"]["fused_calls_split"] = sum(fused_calls)
     result["fused"] = _fused(model, tokenizer)
     result["pipeline"] = _pipeline(model, tokenizer)
     try:
@@ -157,7 +169,9 @@ def test_two_ranks_split_the_model(two_ranks):
         assert layout["experts"] == 2 and layout["expert_rows"] == 2
         assert layout["embedding_rows"] == 256  # half the 512-token vocabulary
         assert layout["tied"]
-        assert layout["decoder_layer"] == "DiffusionGemmaDecoderTextLayer"
+        assert layout["decoder_layer"] == "FusedDecoderLayer"
+        # Every decoder step and canvas commit went through the fused regions, all on the split projections.
+        assert layout["fused_calls"] > 0 and layout["fused_calls_split"] == layout["fused_calls"]
     assert all(rank["nvfp4_expert_rows"] == 2 for rank in ranks)
 
 

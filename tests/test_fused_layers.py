@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import StaticCache
 from transformers.models.diffusion_gemma import modeling_diffusion_gemma as upstream
 
@@ -124,6 +125,24 @@ def test_hooks_and_wrapped_projections_take_upstreams_forward(tokenizer, region_
     assert not region_calls
     assert (got - _decoder_logits(peft_upstream, tokenizer).logits).abs().max().item() < 1e-5
 
+
+
+def test_a_projection_with_its_own_forward_takes_upstreams_forward(tokenizer, region_calls):
+    """A projection whose instance forward was replaced (tensor parallelism computes a slice of its rows) is not
+    the F.linear of its weight the regions would compute: that layer runs upstream's forward, which calls it."""
+    config = variant_config("default")
+    ours, upstream_model = build_pair(config, tokenizer, seed=8)
+    up_proj = ours.model.decoder.layers[0].mlp.up_proj
+    calls = []
+
+    def forward(x):  # the same function, through the instance attribute
+        calls.append(1)
+        return F.linear(x, up_proj.weight)
+
+    up_proj.forward = forward
+    got = _decoder_logits(ours, tokenizer).logits
+    assert len(calls) == 2 and len(region_calls) == 2 * (len(ours.model.decoder.layers) - 1)
+    assert (got - _decoder_logits(upstream_model, tokenizer).logits).abs().max().item() < 1e-5
 
 def test_recording_router_logits_takes_upstreams_forward(tokenizer, region_calls):
     model = build_pair(variant_config("default"), tokenizer, seed=9)[0]

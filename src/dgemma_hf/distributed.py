@@ -29,9 +29,9 @@ vocabulary), so the tied weights share one placement. On N ranks:
   sums the N partial outputs. No token moves and nothing is read back, so the engine's captured denoising step
   includes the collectives. Routes to other ranks' experts carry the sentinel id E/N, which the backends skip:
   each rank reads only its own experts' weights and does only their arithmetic.
-- router, norms, rotary tables, vision tower: replicated. The decoder layers run upstream's forward: dgemma_hf's
-  fused decoder layers read the weights and call F.linear themselves, which would bypass the split projections'
-  own forwards (their local shards and the all-reduce after o_proj and down_proj).
+- router, norms, rotary tables, vision tower: replicated. The text layers keep dgemma_hf's fused forward: it
+  reads each projection's local shard and runs the all-reduces after o_proj and the MLP's down_proj inside its
+  compiled regions (`fused_layers`), so the captured step holds them too.
 
 Every rank runs the same sampler on the same (all-reduced, so identical) logits: `prepare_generate` (called by
 generate()) checks that every rank got the same prompt and copies rank 0's random state to the others before
@@ -51,7 +51,6 @@ from transformers.distributed.expert_parallel import EPImplementation, EPImpleme
 from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 from transformers.distributed.tensor_parallel import TensorParallelLayer, apply_tensor_parallelism
 
-from .fused_layers import use_upstream_layers
 
 ATTENTION = "dgemma_attention_heads"
 VOCAB_EMBEDDING = "dgemma_vocab_embedding"
@@ -150,8 +149,6 @@ def resolve_parallel_plans(model, distributed_config, resolve):
     on the model (a DistributedConfig's dict plans still override single rules), then lets `resolve`
     (transformers' method) merge and expand them."""
     check_distributed_config(model.config, distributed_config)
-    if distributed_config.tp_size > 1:
-        use_upstream_layers(model)
     model._tp_plan, model._ep_plan = parallel_plans()
     return resolve(distributed_config)
 
@@ -323,6 +320,7 @@ class AttentionHeadsParallel(TensorParallelLayer):
         _shard_linear(module.o_proj, "rowwise", mesh)
         # sdpa/eager repeat each KV head for its query heads: the local ratio.
         module.num_key_value_groups = (q_heads // world) // local_kv
+        module._dgemma_tp_group = mesh.get_group()  # the fused layers' all-reduce (fused_layers._projections)
         return module
 
 
@@ -336,7 +334,9 @@ def _shard_linear(linear: nn.Linear, style_name: str, mesh) -> None:
 
 
 def _keep_rows(linear: nn.Linear, start: int, size: int) -> None:
-    """A replicated projection that computes only output rows [start, start + size)."""
+    """A replicated projection that computes only output rows [start, start + size) (the fused layers read
+    `_dgemma_rows`)."""
+    linear._dgemma_rows = (start, size)
 
     def forward(x):
         bias = None if linear.bias is None else linear.bias[start : start + size]
@@ -442,7 +442,6 @@ def parallelize(model, mesh):
     `accelerate.init_empty_weights()` for a random-weight benchmark): each parameter becomes a DTensor placeholder
     of this rank's shard, to be materialised by the caller; `from_pretrained(tp_plan="auto")` does this itself."""
     check_world_size(model.config, mesh.size())
-    use_upstream_layers(model)
     model._tp_plan, model._ep_plan = parallel_plans()
     apply_tensor_parallelism(model, mesh, model._expand_parallel_plan(model._tp_plan))
     model._device_mesh = mesh

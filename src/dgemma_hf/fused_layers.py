@@ -9,7 +9,10 @@ forward here computes upstream's arithmetic op for op, cut into three pure funct
 3. `layer_output`: the experts' output norm, the sum with the MLP branch, the last norm, residual, layer scalar.
 
 Attention (with the cache read, through `DecoderAttention`, which fixes upstream's read of a full sliding-window
-StaticCache) and the experts stay outside, on their backends. On CUDA each region is compiled once by
+StaticCache) and the experts stay outside, on their backends. A layer split over ranks by dgemma_hf.distributed
+(its plan: heads split, MLP colwise/rowwise) runs the same regions on its local shards, with the all-reduces
+after o_proj and the MLP's down_proj inside `feed_forward` (functional collectives, so they are compiled and
+captured with the rest). On CUDA each region is compiled once by
 torch.compile (inductor fuses the elementwise chains); the regions touch no layer index, so
 every layer of one attention type shares one compiled graph (dynamo's recompile limit, 8, allows about four
 batch sizes in one process; past it the regions run eagerly, still correct). Elsewhere the regions run eagerly
@@ -26,6 +29,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import _functional_collectives as funcol
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from transformers.cache_utils import StaticSlidingWindowLayer
 from transformers.models.diffusion_gemma import modeling_diffusion_gemma as upstream
@@ -56,14 +61,21 @@ def attention_inputs(hidden_states, input_norm, q_proj, k_proj, v_proj, q_norm, 
     return query, key, value
 
 
-def feed_forward(attn_output, residual, weights, eps, scalar_root, top_k):
+def _row_parallel(x, weight, group):
+    """F.linear of a projection whose input features are split over `group` (None: one process): the local
+    products are partial sums, added up by one all-reduce."""
+    out = F.linear(x, weight)
+    return out if group is None else funcol.all_reduce(out, "sum", group)
+
+
+def feed_forward(attn_output, residual, weights, eps, scalar_root, top_k, group=None):
     """o_proj, post-attention norm and residual, the dense MLP (GELU-tanh), the experts' input norm and
-    upstream's DiffusionGemmaTextRouter.forward."""
-    hidden_states = F.linear(attn_output.reshape(*residual.shape[:-1], -1), weights["o_proj"])
+    upstream's DiffusionGemmaTextRouter.forward. `group`: the ranks a tensor-parallel layer is split over."""
+    hidden_states = _row_parallel(attn_output.reshape(*residual.shape[:-1], -1), weights["o_proj"], group)
     residual = residual + rms_norm(hidden_states, weights["post_attention_norm"], eps)
     x = rms_norm(residual, weights["pre_feedforward_norm"], eps)
     mlp = F.gelu(F.linear(x, weights["gate_proj"]), approximate="tanh") * F.linear(x, weights["up_proj"])
-    dense = rms_norm(F.linear(mlp, weights["down_proj"]), weights["post_feedforward_norm_1"], eps)
+    dense = rms_norm(_row_parallel(mlp, weights["down_proj"], group), weights["post_feedforward_norm_1"], eps)
     flat = residual.reshape(-1, residual.shape[-1])
     experts_input = rms_norm(flat, weights["pre_feedforward_norm_2"], eps)
     scores = F.linear(rms_norm(flat, None, eps) * weights["router_scale"] * scalar_root, weights["router_proj"])
@@ -115,18 +127,23 @@ def _region(function, device: torch.device):
     return _COMPILED[function]
 
 
-def _plain_submodules(layer) -> bool:
-    """The regions read weights and call F.linear themselves: every projection must be a plain nn.Linear (not a
-    LoRA or quantized wrapper) and no submodule may carry a hook the regions would skip. transformers' output
-    recorders hook the router and the attention permanently; they only act when asked (see `_recording`)."""
+def _projections(layer) -> dict | None:
+    """The layer's projection weights as the regions use them, plus "group" (the ranks of a tensor-parallel layer,
+    else None); None if the regions cannot compute the layer's own forward. The regions read weights and call
+    F.linear themselves, so every projection must be a plain nn.Linear without bias (not a LoRA or quantized
+    wrapper, no forward of its own) and no submodule may carry a hook the regions would skip (transformers'
+    output recorders hook the router and the attention permanently; they only act when asked, see `_recording`).
+    A layer split by dgemma_hf.distributed's plan gives its local shards: its projections' own forwards are the
+    plan's colwise / rowwise ones, which the regions reproduce."""
     attn, mlp = layer.self_attn, layer.mlp
-    linears = [attn.q_proj, attn.k_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj, layer.router.proj]
-    if attn.v_proj is not None:
-        linears.append(attn.v_proj)
-    if any(type(linear) is not nn.Linear or linear.bias is not None for linear in linears):
-        return False
+    linears = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj, "o_proj": attn.o_proj,
+               "gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj,
+               "router_proj": layer.router.proj}
+    linears = {name: linear for name, linear in linears.items() if linear is not None}
+    if any(type(linear) is not nn.Linear or linear.bias is not None for linear in linears.values()):
+        return None
     if _global_forward_hooks or _global_forward_pre_hooks:
-        return False
+        return None
     for module in layer.modules():
         if module is layer:
             continue
@@ -134,8 +151,41 @@ def _plain_submodules(layer) -> bool:
         if getattr(module, "_hf_hook", None) is not None or any(
             getattr(hook, "__name__", "") != "output_capturing_hook" for hook in hooks
         ):
-            return False
-    return True
+            return None
+    group = getattr(attn, "_dgemma_tp_group", None)
+    if group is None:
+        # An instance-level forward (e.g. a tensor-parallel projection outside the plan) computes something else.
+        if any(isinstance(linear.weight, DTensor) or "forward" in vars(linear) for linear in linears.values()):
+            return None
+        return {name: linear.weight for name, linear in linears.items()} | {"group": None}
+    return _tensor_parallel_projections(linears, group)
+
+
+# Placements of dgemma_hf.distributed's plan: heads and the MLP's hidden units split (colwise: output rows,
+# Shard(0) of the [out, in] weight; rowwise: input columns, Shard(1)); the router replicated.
+_PLAN_PLACEMENTS = {"q_proj": Shard(0), "k_proj": Shard(0), "v_proj": Shard(0), "o_proj": Shard(1),
+                    "gate_proj": Shard(0), "up_proj": Shard(0), "down_proj": Shard(1)}
+
+
+def _tensor_parallel_projections(linears, group) -> dict | None:
+    weights = {"group": group}
+    for name, linear in linears.items():
+        weight = linear.weight
+        rows = getattr(linear, "_dgemma_rows", None)  # a replicated K/V projection computing one head's rows
+        if rows is not None:
+            start, size = rows
+            weights[name] = (weight.to_local() if isinstance(weight, DTensor) else weight)[start : start + size]
+            continue
+        if not isinstance(weight, DTensor):
+            if name != "router_proj" or "forward" in vars(linear):
+                return None
+            weights[name] = weight
+            continue
+        expected = Replicate() if name == "router_proj" else _PLAN_PLACEMENTS[name]
+        if tuple(weight.placements) != (expected,):
+            return None
+        weights[name] = weight.to_local()
+    return weights
 
 
 def _recording() -> bool:
@@ -145,30 +195,31 @@ def _recording() -> bool:
     return collected is not None and bool({"router_logits", "attentions"} & set(collected))
 
 
-def fused_regions_apply(layer, hidden_states, kwargs) -> bool:
+def fused_projections(layer, hidden_states, kwargs) -> dict | None:
+    """The layer's projections (see `_projections`) when the regions compute its forward, else None."""
     config = layer.config
-    return (
-        not torch.is_grad_enabled()
-        and not layer.training
-        and config.hidden_activation == "gelu_pytorch_tanh"
-        and not kwargs.get("output_attentions", False)
-        and hidden_states.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and not _recording()
-        and _plain_submodules(layer)
-    )
+    if (
+        torch.is_grad_enabled()
+        or layer.training
+        or config.hidden_activation != "gelu_pytorch_tanh"
+        or kwargs.get("output_attentions", False)
+        or hidden_states.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+        or _recording()
+    ):
+        return None
+    return _projections(layer)
 
 
-def fused_forward(layer, hidden_states, position_embeddings, attention_mask, position_ids, past_key_values,
-                  write_cache, **kwargs):
+def fused_forward(layer, projections, hidden_states, position_embeddings, attention_mask, position_ids,
+                  past_key_values, write_cache, **kwargs):
     """A text layer's inference forward in the three regions; `write_cache(attn, cache, key, value)` gives the
     keys and values to attend to (the decoder reads the cache, the encoder appends to it)."""
     device, eps = hidden_states.device, layer.config.rms_norm_eps
     attn, router = layer.self_attn, layer.router
     cos, sin = position_embeddings
     query, key, value = _region(attention_inputs, device)(
-        hidden_states, layer.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight,
-        None if attn.v_proj is None else attn.v_proj.weight, attn.q_norm.weight, attn.k_norm.weight, cos, sin,
-        eps, attn.head_dim,
+        hidden_states, layer.input_layernorm.weight, projections["q_proj"], projections["k_proj"],
+        projections.get("v_proj"), attn.q_norm.weight, attn.k_norm.weight, cos, sin, eps, attn.head_dim,
     )
     if past_key_values is not None:
         key, value = write_cache(attn, past_key_values, key, value)
@@ -180,15 +231,16 @@ def fused_forward(layer, hidden_states, position_embeddings, attention_mask, pos
         sliding_window=attn.sliding_window, is_causal=attn.is_causal, position_ids=position_ids, **kwargs,
     )
     weights = {
-        "o_proj": attn.o_proj.weight, "post_attention_norm": layer.post_attention_layernorm.weight,
-        "pre_feedforward_norm": layer.pre_feedforward_layernorm.weight, "gate_proj": layer.mlp.gate_proj.weight,
-        "up_proj": layer.mlp.up_proj.weight, "down_proj": layer.mlp.down_proj.weight,
+        "o_proj": projections["o_proj"], "post_attention_norm": layer.post_attention_layernorm.weight,
+        "pre_feedforward_norm": layer.pre_feedforward_layernorm.weight, "gate_proj": projections["gate_proj"],
+        "up_proj": projections["up_proj"], "down_proj": projections["down_proj"],
         "post_feedforward_norm_1": layer.post_feedforward_layernorm_1.weight,
         "pre_feedforward_norm_2": layer.pre_feedforward_layernorm_2.weight, "router_scale": router.scale,
-        "router_proj": router.proj.weight, "per_expert_scale": router.per_expert_scale,
+        "router_proj": projections["router_proj"], "per_expert_scale": router.per_expert_scale,
     }
     residual, dense, experts_input, top_k_weights, top_k_index = _region(feed_forward, device)(
-        attn_output, hidden_states, weights, eps, router.scalar_root_size, router.config.top_k_experts
+        attn_output, hidden_states, weights, eps, router.scalar_root_size, router.config.top_k_experts,
+        projections["group"],
     )
     experts_output = layer.experts(experts_input, top_k_index, top_k_weights)
     return _region(layer_output, device)(
@@ -213,10 +265,11 @@ class FusedDecoderLayer(upstream.DiffusionGemmaDecoderTextLayer):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
                 past_key_values=None, **kwargs):
-        if not fused_regions_apply(self, hidden_states, kwargs):
+        projections = fused_projections(self, hidden_states, kwargs)
+        if projections is None:
             return super().forward(hidden_states, position_embeddings, attention_mask, position_ids,
                                    past_key_values, **kwargs)
-        return fused_forward(self, hidden_states, position_embeddings, attention_mask, position_ids,
+        return fused_forward(self, projections, hidden_states, position_embeddings, attention_mask, position_ids,
                              past_key_values, _read_cache, **kwargs)
 
 
@@ -229,10 +282,13 @@ class FusedEncoderLayer(upstream.DiffusionGemmaEncoderTextLayer):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
                 past_key_values=None, **kwargs):
-        if hidden_states.shape[1] != self.canvas_length or not fused_regions_apply(self, hidden_states, kwargs):
+        projections = None
+        if hidden_states.shape[1] == self.canvas_length:
+            projections = fused_projections(self, hidden_states, kwargs)
+        if projections is None:
             return super().forward(hidden_states, position_embeddings, attention_mask, position_ids,
                                    past_key_values, **kwargs)
-        return fused_forward(self, hidden_states, position_embeddings, attention_mask, position_ids,
+        return fused_forward(self, projections, hidden_states, position_embeddings, attention_mask, position_ids,
                              past_key_values, _append_to_cache, **kwargs)
 
 
@@ -257,9 +313,8 @@ def use_fused_layers(model) -> None:
 
 
 def use_upstream_layers(model) -> list:
-    """Gives the fused text layers upstream's classes back, keeping the decoder attention's cache fix (e.g. for a
-    model split over ranks: the regions would bypass the split projections' own forwards); returns the layers
-    it changed."""
+    """Gives the fused text layers upstream's classes back, keeping the decoder attention's cache fix; returns the
+    layers it changed."""
     layers = [layer for layer in _text_layers(model) if type(layer) in (FusedDecoderLayer, FusedEncoderLayer)]
     for layer in layers:
         layer.__class__ = type(layer).__mro__[1]
