@@ -1,7 +1,8 @@
 """Generation speed benchmark: dgemma_hf's engine against upstream generate(), in one process.
 
     python -m eval.speed [--batch 1,4,8] [--prompt 512] [--new-tokens 512] [--steps 16] [--layers 30]
-                         [--experts bf16,nvfp4] [--baseline-batch 1] [--out results/speed.json]
+                         [--experts bf16,nvfp4] [--attention sdpa,dgemma_attention] [--baseline-batch 1]
+                         [--prefill-chunk N] [--out results/speed.json]
 
 DESIGN.md's speed protocol: DiffusionGemma 26B-A4B shapes with random weights built on the GPU (no download;
 `--layers` and the other size options shrink it), adaptive stopping off and a fixed number of denoising steps
@@ -113,9 +114,9 @@ def timed(fn) -> tuple[float, object]:
 ENGINES = ("upstream_generate", "dgemma_hf_upstream_layers", "dgemma_hf")
 
 
-def run_case(model, batch: int, args, engine: str) -> dict:
+def run_case(model, batch: int, args, engine: str, attention: str = "sdpa") -> dict:
     """engine: upstream's generate as it ships; dgemma_hf's engine with upstream's decoder layers (what the fused
-    layers add); dgemma_hf as it ships."""
+    layers add); dgemma_hf as it ships. attention: the attention implementation of the case."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
     from dgemma_hf.fused_layers import upstream_layers
@@ -127,18 +128,21 @@ def run_case(model, batch: int, args, engine: str) -> dict:
                   confidence_threshold=None, eos_token_id=None)
     # A new engine per case: the captured step has the layers' kernels baked in.
     model._dgemma_engine = None
+    model.set_attn_implementation(attention)
     if engine == "upstream_generate":  # upstream's default experts backend (bf16 weights only)
         model.set_experts_implementation("grouped_mm")
     else:
         model.set_experts_implementation("dgemma")
 
+    ours = dict(sampling="fused", seed=0, prefill_chunk_size=args.prefill_chunk)
+
     def run():
         if engine == "dgemma_hf":
-            return model.generate(input_ids, sampling="fused", seed=0, **kwargs)
+            return model.generate(input_ids, **ours, **kwargs)
         with upstream_layers(model):
             if engine == "upstream_generate":
                 return DiffusionGemmaForBlockDiffusion.generate(model, input_ids, **kwargs)
-            return model.generate(input_ids, sampling="fused", seed=0, **kwargs)
+            return model.generate(input_ids, **ours, **kwargs)
 
     torch.cuda.reset_peak_memory_stats()
     first_s, out = timed(run)
@@ -149,6 +153,7 @@ def run_case(model, batch: int, args, engine: str) -> dict:
     return {
         "engine": engine,
         "experts": args.experts_kind,
+        "attention": attention,
         "batch": batch,
         "tok_per_s": batch * new_tokens / seconds,
         "seconds": seconds,
@@ -160,7 +165,7 @@ def run_case(model, batch: int, args, engine: str) -> dict:
 
 def profile_step(model) -> dict:
     """Times replays of the engine's captured step (the decoder step alone, no encoder pass) and prints the
-    GPU kernels of one eager step, heaviest first."""
+    GPU kernels of one replay, heaviest first."""
     engine = model._dgemma_engine
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
@@ -173,14 +178,14 @@ def profile_step(model) -> dict:
         times.append(start.elapsed_time(end))
     graph_ms = sorted(times)[len(times) // 2]
     engine.step_index.zero_()
-    # As inside generate(): no autograd (else the decoder layers take upstream's unfused forward) and the soft
-    # embedding as the self-conditioning input.
-    with torch.no_grad(), engine.self_conditioning_input():
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            engine.step(engine.position_ids)
-            torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
-    return {"graph_step_ms": graph_ms}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine._captured.replay()
+        torch.cuda.synchronize()
+    engine.step_index.zero_()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=70))
+    return {"graph_step_ms": graph_ms, "kernels_per_step": sum(e.count for e in kernels),
+            "kernel_ms_per_step": sum(e.device_time_total for e in kernels) / 1e3}
 
 
 def main(argv=None) -> int:
@@ -194,6 +199,10 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--experts", default="bf16", help="comma-separated expert weight formats: bf16, nvfp4 "
                         "(upstream's baseline runs with bf16 only)")
+    parser.add_argument("--attention", default="sdpa", help="comma-separated attention implementations for "
+                        "dgemma_hf's engine: sdpa, dgemma_attention (the baselines run with sdpa)")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="dgemma_hf's engine prefills the prompt in chunks of this many tokens (long prompts)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true",
                         help="also time one captured decoder step and list the kernels of one step")
@@ -203,13 +212,16 @@ def main(argv=None) -> int:
         raise SystemExit("eval.speed needs a CUDA GPU")
     batches = [int(b) for b in args.batch.split(",")]
     baseline = [int(b) for b in args.baseline_batch.split(",") if b]
-    for name in ("prompt", "new_tokens", "steps", "layers", "repeats"):
-        if getattr(args, name) <= 0:
+    for name in ("prompt", "new_tokens", "steps", "layers", "repeats", "prefill_chunk"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
 
     kinds = args.experts.split(",")
     if not kinds or any(kind not in ("bf16", "nvfp4") for kind in kinds):
         raise SystemExit(f"--experts takes bf16 and/or nvfp4, got {args.experts!r}")
+    attentions = args.attention.split(",")
+    if not attentions or any(name not in ("sdpa", "dgemma_attention") for name in attentions):
+        raise SystemExit(f"--attention takes sdpa and/or dgemma_attention, got {args.attention!r}")
 
     bandwidth = copy_bandwidth_gbps()
     report = {"card": torch.cuda.get_device_name(), "copy_GBps": bandwidth,
@@ -225,8 +237,10 @@ def main(argv=None) -> int:
         print(json.dumps({kind: report["models"][kind]}), flush=True)
         for batch in batches:
             engines = ENGINES if batch in baseline and kind == "bf16" else ENGINES[-1:]
-            for engine in engines:
-                row = run_case(model, batch, args, engine)
+            cases = [(engine, attention) for engine in engines
+                     for attention in (attentions if engine == "dgemma_hf" else ["sdpa"])]
+            for engine, attention in cases:
+                row = run_case(model, batch, args, engine, attention)
                 row["floor_ms_per_step"] = floor_ms
                 row["floor_tok_per_s"] = batch * model.config.canvas_length / args.steps / (floor_ms / 1e3)
                 if args.profile and engine == "dgemma_hf":
@@ -243,10 +257,10 @@ def main(argv=None) -> int:
     for kind, facts in report["models"].items():
         print(f"  {kind} experts: text weights {facts['text_weight_GB']:.1f} GB, floor {facts['floor_ms_per_step']:.1f} ms "
               "per decoder step")
-    print(f"{'engine':26s} {'experts':>7s} {'batch':>5s} {'tok/s':>8s} {'ms/step':>8s} {'first s':>8s} {'peak GB':>8s} "
+    print(f"{'engine':26s} {'experts':>7s} {'attention':>16s} {'batch':>5s} {'tok/s':>8s} {'ms/step':>8s} {'first s':>8s} {'peak GB':>8s} "
           f"{'floor tok/s':>11s}")
     for r in report["rows"]:
-        print(f"{r['engine']:26s} {r['experts']:>7s} {r['batch']:5d} {r['tok_per_s']:8.0f} {r['ms_per_step']:8.1f} "
+        print(f"{r['engine']:26s} {r['experts']:>7s} {r['attention']:>16s} {r['batch']:5d} {r['tok_per_s']:8.0f} {r['ms_per_step']:8.1f} "
               f"{r['first_call_s']:8.1f} {r['peak_gb']:8.1f} {r['floor_tok_per_s']:11.0f}")
     return 0
 
