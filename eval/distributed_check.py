@@ -17,7 +17,8 @@ generator seeded by its name, so the one-GPU model and the union of the N shards
 2. Speed (DESIGN.md's protocol: bf16, or NVFP4 experts with `--experts nvfp4`; prompt 512, 512 new tokens, 16 fixed
    denoising steps, adaptive stopping off, no eos): for each batch, one GPU (rank 0 alone, unless
    `--no-reference`) and the N ranks: tok/s, ms per denoising step (generate's wall time / steps), the replay time
-   of one captured denoising step and the GPU time of its NCCL kernels, first-call seconds, peak memory (the largest over ranks), and the sequences'
+   of one captured denoising step and the GPU time of its NCCL kernels (waits for other ranks included),
+   first-call seconds, peak memory (the largest over ranks), and the sequences'
    agreement across ranks and with one GPU (bf16 sums in another order can pick other tokens; reported, not
    required).
 
@@ -216,7 +217,7 @@ def speed_case(model, batch: int, args, device, group) -> tuple[dict, torch.Tens
     graph_ms = captured_step_ms(model, device)
     if graph_ms is not None:
         row["graph_step_ms"] = graph_ms
-        row.update(collective_time(model, device))
+        row.update(collective_time(model, device, group))
     if device.type == "cuda":
         peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 1e9], device=device)
         if group is not None:
@@ -245,11 +246,15 @@ def captured_step_ms(model, device) -> float | None:
     return sorted(times)[len(times) // 2]
 
 
-def collective_time(model, device) -> dict:
+def collective_time(model, device, group) -> dict:
     """GPU time of the NCCL kernels (all-reduce, all-gather, ...) in one replay of the captured step, from the
-    profiler's kernel records: what the collectives cost per denoising step on this rank."""
+    profiler's kernel records. A collective kernel also runs while it waits for the other ranks, so this is an
+    upper bound on what the collectives cost per denoising step on this rank; the ranks meet at a barrier first."""
     engine = model._dgemma_engine
     engine.step_index.zero_()
+    torch.cuda.synchronize(device)
+    if group is not None:
+        dist.barrier(group=group)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         engine._captured.replay()
         torch.cuda.synchronize(device)
