@@ -128,7 +128,7 @@ def run_case(model, batch: int, args, engine: str, attention: str = "sdpa") -> d
                   confidence_threshold=None, eos_token_id=None)
     # A new engine per case: the captured step has the layers' kernels baked in.
     model._dgemma_engine = None
-    model.set_attn_implementation(attention)
+    model.set_attn_implementation({"text_config": attention})
     if engine == "upstream_generate":  # upstream's default experts backend (bf16 weights only)
         model.set_experts_implementation("grouped_mm")
     else:
@@ -199,8 +199,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--experts", default="bf16", help="comma-separated expert weight formats: bf16, nvfp4 "
                         "(upstream's baseline runs with bf16 only)")
-    parser.add_argument("--attention", default="sdpa", help="comma-separated attention implementations for "
-                        "dgemma_hf's engine: sdpa, dgemma_attention (the baselines run with sdpa)")
+    parser.add_argument("--attention", default="dgemma_attention", help="comma-separated attention implementations "
+                        "of the text layers for dgemma_hf's engine: dgemma_attention (its default on CUDA), sdpa "
+                        "(the baselines run with sdpa)")
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="dgemma_hf's engine prefills the prompt in chunks of this many tokens (long prompts)")
     parser.add_argument("--repeats", type=int, default=3)

@@ -277,7 +277,7 @@ def _with_attention(model, name, dtype=None):
 @pytest.mark.parametrize("variant", ["default", "mha_no_k_eq_v", "global_only"])
 @pytest.mark.parametrize("name", [AUTO, TRITON])
 def test_model_logits_match_upstream_fp32(variant, name, tokenizer):
-    """fp32: "dgemma_attention" on the CPU (SDPA with enable_gqa) and the interpreted Triton kernel (IEEE
+    """fp32: "dgemma_attention" on the CPU (transformers' sdpa function) and the interpreted Triton kernel (IEEE
     fp32 dots) both reproduce upstream's sdpa logits on a left-padded batch."""
     config = variant_config(variant)
     ours, upstream = build_pair(config, tokenizer, seed=2)
@@ -352,6 +352,7 @@ def test_backend_function_contract():
     q, k, v = make_qkv(2, 4, 2, 5, 9, 32, torch.float32, generator)
     module = torch.nn.Module()
     module.is_causal = True
+    module.num_key_value_groups = 2  # as on transformers' attention modules (its sdpa function reads it)
     for fn in (ALL_ATTENTION_FUNCTIONS[AUTO], ALL_ATTENTION_FUNCTIONS[TRITON]):
         out, weights = fn(module, q, k, v, None, scaling=1.0)
         assert weights is None and out.shape == (2, 5, 4, 32) and out.is_contiguous()
@@ -391,6 +392,32 @@ def test_unsupported_head_dim_or_dtype_refused_when_set(tokenizer):
         check_attention_config(ok, dtype=torch.float64)
     with pytest.raises(ValueError, match="does not support dtype torch.float64"):
         model_class(ok).to(torch.float64).set_attn_implementation(TRITON)
+
+
+def test_text_layers_default_to_the_kernel_where_cuda_exists(monkeypatch, tmp_path):
+    """Built without an attention request: on a machine with CUDA the text layers take "dgemma_attention" (the
+    vision tower keeps sdpa); without CUDA, or for a head dim the kernel lacks, or when the caller names one,
+    transformers' choice stands. Only construction here: no kernel runs."""
+    model_class = DiffusionGemmaForMaskedGeneration
+    make_tiny_checkpoint(tmp_path / "tiny")
+    plain = model_class.from_pretrained(tmp_path / "tiny")
+    assert plain.config.text_config._attn_implementation == ("dgemma_attention" if torch.cuda.is_available()
+                                                             else "sdpa")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = model_class.from_pretrained(tmp_path / "tiny")
+    assert model.config.text_config._attn_implementation == AUTO
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    layer = model.model.decoder.layers[0].self_attn
+    assert layer.config._attn_implementation == AUTO
+    for asked in ("sdpa", "eager", {"text_config": "eager"}):
+        kept = model_class.from_pretrained(tmp_path / "tiny", attn_implementation=asked)
+        assert kept.config.text_config._attn_implementation == (asked if isinstance(asked, str) else "eager")
+    config = variant_config("default")
+    assert model_class(config).config.text_config._attn_implementation == AUTO  # the constructor too
+    unsupported = tiny_config(global_head_dim=48)
+    assert model_class(unsupported).config.text_config._attn_implementation == "sdpa"
+    float64 = model_class.from_pretrained(tmp_path / "tiny", dtype=torch.float64)  # a dtype the kernel lacks
+    assert float64.config.text_config._attn_implementation == "sdpa"
 
 
 def test_from_pretrained_refuses_unsupported_head_dim_at_load(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 from transformers.models.diffusion_gemma import DiffusionGemmaGenerationOutput
 
-from .attention import AttentionChecks
+from .attention import AttentionChecks, use_default_attention
 from .checkpoint import check_checkpoint, check_quantization_config
 from .distributed import model_devices, prepare_generate, resolve_parallel_plans
 from .quantization.export import check_save_arguments, write_export_files
@@ -51,9 +51,12 @@ class DiffusionGemmaForMaskedGeneration(AttentionChecks, DiffusionGemmaForBlockD
     accepts_loss_kwargs = False
 
     def __init__(self, config):
+        asked = config._attn_implementation_internal or config.text_config._attn_implementation_internal
         super().__init__(config)
         # transformers resolves the default backend on the top config only; the experts read the text config.
         self.set_experts_implementation(self.config._experts_implementation)
+        if not asked:
+            use_default_attention(self)
         use_fused_layers(self)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
