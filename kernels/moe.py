@@ -87,6 +87,7 @@ def _e4m3_to_float(byte):
 # scale); the accumulator gets 2^7 back together with the fp32 global scale. bf16 needs the offset so the scale's
 # range fits (see _decode_bf16); the other dtypes use it too so one epilogue serves all.
 _NVFP4_OFFSET = tl.constexpr(128.0)
+_TWO_POW_119 = tl.constexpr(2.0**119)
 
 
 @triton.jit
@@ -170,7 +171,7 @@ def _e4m3_pairs_bf16(pairs):
 
 @triton.jit
 def _nvfp4_tile(packed_ptr, scale_ptr, rows, n_mask, k0, K, compute_dtype: tl.constexpr, NB: tl.constexpr,
-                BLOCK_N: tl.constexpr, FAST_BF16: tl.constexpr):
+                BLOCK_N: tl.constexpr, FAST_BF16: tl.constexpr, E4M3_CVT: tl.constexpr):
     """Dequantizes weight rows `rows` [BLOCK_N] over the NB blocks of 32 K elements from k0 (kernel layout, see
     `to_kernel_layout`) into two [BLOCK_N, NB * 16] tiles: column 16 b + j of `low` is element k0 + 32 b + j and
     of `high` element k0 + 32 b + 16 + j (the activations are loaded in the same order). Blocks past K are zero."""
@@ -180,18 +181,23 @@ def _nvfp4_tile(packed_ptr, scale_ptr, rows, n_mask, k0, K, compute_dtype: tl.co
     byte_offsets = rows[:, None, None] * (K // 2) + k0 // 2 + 16 * b[None, :, None] + j[None, None, :]
     packed = tl.load(packed_ptr + byte_offsets, mask=n_mask[:, None, None] & block_ok[None, :, None], other=0)
     scale_mask = n_mask[:, None] & block_ok[None, :]
-    if FAST_BF16:
+    if E4M3_CVT:
         # The two scales of a 32-block are adjacent bytes: one uint16 load and one conversion per block.
         pair_offsets = rows[:, None] * (K // 32) + k0 // 32 + b[None, :]  # [BLOCK_N, NB]
         pairs = tl.load(scale_ptr.to(tl.pointer_type(tl.uint16)) + pair_offsets, mask=scale_mask, other=0)
         scale_low, scale_high = _e4m3_pairs_bf16(pairs)
-        scale_low = tl.broadcast_to(scale_low[:, :, None], (BLOCK_N, NB, 16))
-        scale_high = tl.broadcast_to(scale_high[:, :, None], (BLOCK_N, NB, 16))
-        low, high = _decode_bf16(packed, scale_low, scale_high)
     else:
         scale_offsets = rows[:, None] * (K // 16) + k0 // 16 + 2 * b[None, :]  # [BLOCK_N, NB]
         scale_low = _e4m3_to_float(tl.load(scale_ptr + scale_offsets, mask=scale_mask, other=0).to(tl.int32))
         scale_high = _e4m3_to_float(tl.load(scale_ptr + scale_offsets + 1, mask=scale_mask, other=0).to(tl.int32))
+    if FAST_BF16:
+        if not E4M3_CVT:  # scale * 2^119 is a normal bf16 for every E4M3 scale (2^-9 .. 448)
+            scale_low = (scale_low * _TWO_POW_119).to(tl.bfloat16)
+            scale_high = (scale_high * _TWO_POW_119).to(tl.bfloat16)
+        scale_low = tl.broadcast_to(scale_low[:, :, None], (BLOCK_N, NB, 16))
+        scale_high = tl.broadcast_to(scale_high[:, :, None], (BLOCK_N, NB, 16))
+        low, high = _decode_bf16(packed, scale_low, scale_high)
+    else:
         packed = packed.to(tl.int32)
         # _e2m1_scaled is value * 2^-14; * 2^7 more leaves value * scale * 2^-7.
         low = (_e2m1_scaled(packed & 15) * (scale_low * 128.0)[:, :, None]).to(compute_dtype)
@@ -217,11 +223,13 @@ def _nvfp4_activations(a_row_ptrs, row_mask, k0, K, NB: tl.constexpr, SWAP_AB: t
 
 @triton.jit
 def _nvfp4_dot(acc, a_low, a_high, packed_ptr, scale_ptr, w_rows, col_mask, k0, K,
-               NB: tl.constexpr, BLOCK_N: tl.constexpr, FAST_BF16: tl.constexpr, SWAP_AB: tl.constexpr):
+               NB: tl.constexpr, BLOCK_N: tl.constexpr, FAST_BF16: tl.constexpr, E4M3_CVT: tl.constexpr,
+               SWAP_AB: tl.constexpr):
     """One K step of activations (`_nvfp4_activations`) x NVFP4 weights [BLOCK_N rows]. acc is [BLOCK_M,
     BLOCK_N], or with SWAP_AB its transpose [BLOCK_N, BLOCK_M]: the weights become the MMA's M side, so a tile of
     few tokens still fills Hopper's 64-row warpgroup MMA."""
-    low, high = _nvfp4_tile(packed_ptr, scale_ptr, w_rows, col_mask, k0, K, a_low.dtype, NB, BLOCK_N, FAST_BF16)
+    low, high = _nvfp4_tile(packed_ptr, scale_ptr, w_rows, col_mask, k0, K, a_low.dtype, NB, BLOCK_N, FAST_BF16,
+                            E4M3_CVT)
     if SWAP_AB:
         acc = tl.dot(low, a_low, acc)
         acc = tl.dot(high, a_high, acc)
@@ -236,8 +244,8 @@ def _gate_up_kernel(
     x_ptr, sorted_pairs_ptr, expert_offsets_ptr, tile_expert_ptr, tile_start_ptr,
     w_ptr, w_scale_ptr, gate_scale2_ptr, up_scale2_ptr, act_ptr,
     H, I, TOP_K,
-    NVFP4: tl.constexpr, FAST_BF16: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NVFP4: tl.constexpr, FAST_BF16: tl.constexpr, E4M3_CVT: tl.constexpr, SWAP_AB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -264,9 +272,9 @@ def _gate_up_kernel(
         for k0 in range(0, H, BLOCK_K):
             a_low, a_high = _nvfp4_activations(x_ptr + tokens * H, row_mask, k0, H, NB, SWAP_AB)  # gate and up's
             acc_gate = _nvfp4_dot(acc_gate, a_low, a_high, w_ptr, w_scale_ptr, gate_rows, col_mask, k0, H, NB,
-                                  BLOCK_N, FAST_BF16, SWAP_AB)
+                                  BLOCK_N, FAST_BF16, E4M3_CVT, SWAP_AB)
             acc_up = _nvfp4_dot(acc_up, a_low, a_high, w_ptr, w_scale_ptr, up_rows, col_mask, k0, H, NB, BLOCK_N,
-                                FAST_BF16, SWAP_AB)
+                                FAST_BF16, E4M3_CVT, SWAP_AB)
         if SWAP_AB:
             acc_gate = tl.trans(acc_gate)
             acc_up = tl.trans(acc_up)
@@ -296,8 +304,8 @@ def _down_kernel(
     act_ptr, sorted_pairs_ptr, expert_offsets_ptr, tile_expert_ptr, tile_start_ptr, top_k_weights_ptr,
     w_ptr, w_scale_ptr, down_scale2_ptr, out_ptr,
     H, I,
-    NVFP4: tl.constexpr, FAST_BF16: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NVFP4: tl.constexpr, FAST_BF16: tl.constexpr, E4M3_CVT: tl.constexpr, SWAP_AB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -321,7 +329,7 @@ def _down_kernel(
         for k0 in range(0, I, BLOCK_K):
             a_low, a_high = _nvfp4_activations(act_ptr + rows * I, row_mask, k0, I, NB, SWAP_AB)
             acc = _nvfp4_dot(acc, a_low, a_high, w_ptr, w_scale_ptr, w_rows, col_mask, k0, I, NB, BLOCK_N,
-                             FAST_BF16, SWAP_AB)
+                             FAST_BF16, E4M3_CVT, SWAP_AB)
         if SWAP_AB:
             acc = tl.trans(acc)
         acc = acc * (tl.load(down_scale2_ptr + expert) * _NVFP4_OFFSET)
@@ -430,11 +438,13 @@ def _run(hidden_states, top_k_index, top_k_weights, num_experts, intermediate, g
     max_tiles = routing.tile_expert.numel()
     act = torch.empty(num_pairs, intermediate, dtype=hidden_states.dtype, device=hidden_states.device)
     pair_out = torch.empty(num_pairs, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
-    # The bf16 decode is inline PTX, which Triton's CPU interpreter cannot run.
+    # The bf16 decode is inline PTX, which Triton's CPU interpreter cannot run; its E4M3 pair conversion needs
+    # sm_89 or newer (Ada, Hopper), older GPUs convert the scales with integer ops.
     fast_bf16 = (nvfp4 and hidden_states.dtype == torch.bfloat16 and hidden_states.is_cuda
                  and os.environ.get("TRITON_INTERPRET") != "1")
-    common = dict(NVFP4=nvfp4, FAST_BF16=fast_bf16, SWAP_AB=nvfp4 and bool(swap and swap[0]), BLOCK_M=block_m,
-                  BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    e4m3_cvt = fast_bf16 and torch.cuda.get_device_capability(hidden_states.device) >= (8, 9)
+    common = dict(NVFP4=nvfp4, FAST_BF16=fast_bf16, E4M3_CVT=e4m3_cvt, SWAP_AB=nvfp4 and bool(swap and swap[0]),
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     _gate_up_kernel[(max_tiles, triton.cdiv(intermediate, block_n))](
         hidden_states, routing.sorted_pairs, routing.expert_offsets, routing.tile_expert, routing.tile_start,
         *gate_up_args, act, hidden, intermediate, top_k, **common,
@@ -494,6 +504,8 @@ def moe_experts_nvfp4(hidden_states, top_k_index, top_k_weights, weights: NVFP4E
     _check_tensor("down_packed", weights.down_packed, (experts, hidden, intermediate // 2), u8, device)
     _check_tensor("down_scale", weights.down_scale, (experts, hidden, intermediate // 16), u8, device)
     _check_tensor("down_scale2", weights.down_scale2, (experts,), f32, device)
+    for name in ("gate_up_scale", "down_scale"):  # read as uint16 pairs of scales
+        _check(getattr(weights, name).data_ptr() % 2 == 0, f"{name} must start at an even address")
     return _run(hidden_states, top_k_index, top_k_weights, experts, intermediate,
                 (packed, weights.gate_up_scale, weights.gate_scale2, weights.up_scale2),
                 (weights.down_packed, weights.down_scale, weights.down_scale2), nvfp4=True, out=out, config=config)

@@ -36,6 +36,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Many waves of programs on a 132-SM GPU (about 5 resident per SM), so the last, partial wave costs little.
 _TARGET_PROGRAMS = 8192
+MAX_SPLITS = 1024  # the combine holds a row's slices in one tile of 32 rows x splits
 _BLOCK_R = 32  # rows per combining program
 
 
@@ -59,7 +60,8 @@ def _log2(x, FAST: tl.constexpr):
 
 @triton.jit
 def _gumbel2(bits, FAST_LOG2: tl.constexpr):
-    """Gumbel noise in base-2 units, -log2(E) with E = -log2(1 - w) exponential, from 32 random bits (w =
+    """Gumbel noise in base-2 units, -log2(E) with E = -log2(1 - w) (an exponential variable times log2(e), which
+    shifts the noise by a constant and leaves the argmax alone), from 32 random bits (w =
     (bits + 1/2) / 2^32 in (0, 1)). The large noise that decides samples comes from small w, where 1 - w rounds and
     lg2.approx has only absolute accuracy: there a series in w; elsewhere 1 - w = (~bits + 1/2) / 2^32, which
     does not cancel."""
@@ -173,7 +175,8 @@ def _combine_kernel(
     tl.store(sampled_ptr + rows, sampled.to(tl.int64), mask=row_ok)
     tl.store(argmax_ptr + rows, argmax.to(tl.int64), mask=row_ok)
     tl.store(entropy_ptr + rows, (log2_s - t_row / s_row) * LN2, mask=row_ok)
-    # The max token's e, as the partial kernel computed it (the fma keeps logit * scale unrounded): 1, to rounding, when alone.
+    # The max token's e, as the partial kernel computed it (the fma keeps logit * scale unrounded): 1, to rounding,
+    # when alone.
     tl.store(max_prob_ptr + rows, tl.exp2(tl.fma(row_max, scale, -row_ref)) / s_row, mask=row_ok)
     tl.store(log_norm_ptr + rows, (row_ref + log2_s) * LN2, mask=row_ok)
     tl.store(noise_ptr + rows, noise.to(tl.int64) % V, mask=row_ok)
@@ -191,8 +194,10 @@ def sample_tokens(
     """Runs the fused sampler on `logits` [R, V] fp32 (rows contiguous). `inv_temperature` (fp32) and `counter`
     (int64) are one-element device tensors; `seeds` (int64 [S], S dividing R) gives consecutive groups of
     R / S rows their own seed (one per sequence of a batch); `out`, optional, holds preallocated outputs.
-    `block_v` (a power of two) is the vocabulary block a program reads at a time; `splits`, by default a function
-    of R and V that fills the GPU, the number of programs sharing a row. Neither changes the sampled tokens."""
+    `block_v` (a power of two) is the vocabulary block a program reads at a time; `splits` (at most
+    `MAX_SPLITS`), by default a function of R and V that fills the GPU, the number of programs sharing a row.
+    Neither changes the sampled tokens. A row whose logits are all -inf has no distribution: its outputs are
+    undefined (NaN statistics, token 0)."""
     if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or logits.ndim != 2:
         raise TypeError("logits must be a float32 torch.Tensor [rows, vocab]")
     if logits.stride(1) != 1:
@@ -218,14 +223,16 @@ def sample_tokens(
             log_norm=torch.empty(rows, dtype=torch.float32, device=device),
             noise=torch.empty(rows, dtype=torch.int64, device=device),
         )
-    if splits is not None and splits < 1:
-        raise ValueError(f"splits must be positive, got {splits}")
+    if splits is not None and not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"splits must be in [1, {MAX_SPLITS}], got {splits}")
+    if block_v < 1 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
     if not rows or not vocab:
         return out
     # Tokens come 4 per Philox call, so blocks of at least 4.
     block_v = max(4, min(block_v, triton.next_power_of_2(vocab)))
     blocks = triton.cdiv(vocab, block_v)
-    splits = min(blocks, splits or triton.cdiv(_TARGET_PROGRAMS, rows))
+    splits = min(blocks, splits or triton.cdiv(_TARGET_PROGRAMS, rows), MAX_SPLITS)
     chunk = triton.cdiv(blocks, splits) * block_v
     splits = triton.cdiv(vocab, chunk)  # no empty slice
     stats = torch.empty(4, rows, splits, dtype=torch.float32, device=device)

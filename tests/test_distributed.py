@@ -92,9 +92,11 @@ def worker(checkpoint: str, out_dir: str) -> None:
         return fused_forward(layer, projections, *args, **kwargs)
 
     fused_layers.fused_forward = counting
-    # A different torch seed on each rank: generate() must hand rank 0's random state to every rank.
-    result["reference"] = _reference(model, tokenizer, SEED + 100 * rank)
-    fused_layers.fused_forward = fused_forward
+    try:
+        # A different torch seed on each rank: generate() must hand rank 0's random state to every rank.
+        result["reference"] = _reference(model, tokenizer, SEED + 100 * rank)
+    finally:
+        fused_layers.fused_forward = fused_forward
     result["layout"]["fused_calls"] = len(fused_calls)
     result["layout"]["fused_calls_split"] = sum(fused_calls)
     result["fused"] = _fused(model, tokenizer)

@@ -109,8 +109,11 @@ def test_sampler_checks_inputs():
     with pytest.raises(TypeError, match="seeds must be a 1-D torch.int64 tensor"):
         sample_tokens(logits.to(DEVICE), torch.tensor([1.0], device=DEVICE), torch.tensor([1.0], device=DEVICE),
                       torch.tensor([0], device=DEVICE))
-    with pytest.raises(ValueError, match="splits must be positive"):
-        sample_tokens(logits.to(DEVICE), *_scalars(1.0, 0, 0), splits=0)
+    for splits in (0, 1025):
+        with pytest.raises(ValueError, match=r"splits must be in \[1, 1024\]"):
+            sample_tokens(logits.to(DEVICE), *_scalars(1.0, 0, 0), splits=splits)
+    with pytest.raises(ValueError, match="block_v must be a power of two"):
+        sample_tokens(logits.to(DEVICE), *_scalars(1.0, 0, 0), block_v=48)
 
 
 @pytest.mark.parametrize("stability", [0, 1, 2])

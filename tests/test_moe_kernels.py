@@ -222,6 +222,10 @@ def test_wrapper_checks_name_the_tensor():
         moe_experts_nvfp4(x, index, weights, packed._replace(down_scale=packed.down_scale[:, :, :1].contiguous()))
     with pytest.raises(TypeError, match="up_scale2 must have dtype torch.float32"):
         moe_experts_nvfp4(x, index, weights, packed._replace(up_scale2=packed.up_scale2.double()))
+    odd = torch.empty(packed.down_scale.numel() + 1, dtype=torch.uint8)[1:].view(packed.down_scale.shape)
+    odd.copy_(packed.down_scale)  # same bytes, one byte off an even address
+    with pytest.raises(ValueError, match="down_scale must start at an even address"):
+        moe_experts_nvfp4(x, index, weights, packed._replace(down_scale=odd))
 
 
 def test_kernel_layout_puts_sixteen_consecutive_elements_in_each_nibble_half():

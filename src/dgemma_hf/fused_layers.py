@@ -171,8 +171,12 @@ def _tensor_parallel_projections(linears, group) -> dict | None:
     weights = {"group": group}
     for name, linear in linears.items():
         weight = linear.weight
+        if isinstance(weight, DTensor) and (weight.device_mesh.ndim != 1 or weight.device_mesh.get_group() != group):
+            return None  # split over other ranks than the attention's: not the plan's layout
         rows = getattr(linear, "_dgemma_rows", None)  # a replicated K/V projection computing one head's rows
         if rows is not None:
+            if isinstance(weight, DTensor) and tuple(weight.placements) != (Replicate(),):
+                return None
             start, size = rows
             weights[name] = (weight.to_local() if isinstance(weight, DTensor) else weight)[start : start + size]
             continue
