@@ -36,6 +36,7 @@ from dgemma_hf.tiny import make_tiny_checkpoint, tiny_config
 PROMPTS = ["Why is the sky blue?", "The river runs past the old mill", "Tom has 3 apples"]
 GENERATE = dict(max_new_tokens=32, max_denoising_steps=4, eos_token_id=None)  # two canvases of 16
 SEED = 1234
+TRITON_ATTENTION = {"text_config": "dgemma_attention_triton"}  # the kernel everywhere (interpreted on CPUs)
 
 
 def _inputs(tokenizer):
@@ -115,6 +116,10 @@ def worker(checkpoint: str, out_dir: str) -> None:
     nvfp4 = AutoModel.from_pretrained(checkpoint, tp_plan="auto", quantization_config=dgemma_hf.NVFP4Config())
     result["nvfp4_reference"] = _reference(nvfp4, tokenizer, SEED)
     result["nvfp4_expert_rows"] = nvfp4.model.decoder.layers[0].experts.gate_up_packed.shape[0]
+    del nvfp4
+
+    kernel = AutoModel.from_pretrained(checkpoint, tp_plan="auto", attn_implementation=TRITON_ATTENTION)
+    result["triton_attention_reference"] = _reference(kernel, tokenizer, SEED)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -154,7 +159,9 @@ def one_process(two_ranks):
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModel.from_pretrained(checkpoint)
     nvfp4 = AutoModel.from_pretrained(checkpoint, quantization_config=dgemma_hf.NVFP4Config())
+    kernel = AutoModel.from_pretrained(checkpoint, attn_implementation=TRITON_ATTENTION)
     return {
+        "triton_attention_reference": _reference(kernel, tokenizer, SEED),
         "reference": _reference(model, tokenizer, SEED),
         "fused": _fused(model, tokenizer),
         "pipeline": _pipeline(model, tokenizer),
@@ -177,13 +184,14 @@ def test_two_ranks_split_the_model(two_ranks):
     assert all(rank["nvfp4_expert_rows"] == 2 for rank in ranks)
 
 
-@pytest.mark.parametrize("mode", ["reference", "ep_reference", "nvfp4_reference"])
+@pytest.mark.parametrize("mode", ["reference", "ep_reference", "nvfp4_reference", "triton_attention_reference"])
 def test_two_ranks_generate_what_one_process_does_in_reference_mode(two_ranks, one_process, mode):
     """tp_plan="auto" (TP + EP through the tp plan), DistributedConfig(tp_size=2, ep_size=2) (EP through
-    transformers' ep_dispatch_experts with ep_implementation "dgemma"), and NVFP4 experts quantized while loading:
-    the same sequences and tokens per forward as one process, on both ranks (which started from different seeds)."""
+    transformers' ep_dispatch_experts with ep_implementation "dgemma"), NVFP4 experts quantized while loading, and
+    the Triton attention kernel (interpreted) on each rank's heads: the same sequences and tokens per forward as
+    one process, on both ranks (which started from different seeds)."""
     _, ranks = two_ranks
-    want = one_process["nvfp4_reference" if mode == "nvfp4_reference" else "reference"]
+    want = one_process[mode if mode in ("nvfp4_reference", "triton_attention_reference") else "reference"]
     assert len(want["sequences"]) == len(PROMPTS) and len(want["sequences"][0]) > 32
     for rank in ranks:
         assert rank[mode] == want
