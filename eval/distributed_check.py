@@ -1,7 +1,7 @@
 """Multi-GPU check and speed run: DiffusionGemma split over N GPUs (tensor + expert parallel, NCCL) against one GPU.
 
     torchrun --nproc-per-node N -m eval.distributed_check [--experts bf16|nvfp4] [--batch 1,8] [--layers 30]
-        [--prompt 512] [--new-tokens 512] [--steps 16] [--repeats 3] [--check-layers 4] [--no-reference]
+        [--prompt 512] [--new-tokens 512] [--steps 16] [--repeats 3] [--check-layers 4] [--no-reference] [--profile]
         [--out results/distributed_check.json]
 
 Run from the repository root. Random weights, built on the GPUs (no download): every weight is drawn from a
@@ -217,7 +217,7 @@ def speed_case(model, batch: int, args, device, group) -> tuple[dict, torch.Tens
     graph_ms = captured_step_ms(model, device)
     if graph_ms is not None:
         row["graph_step_ms"] = graph_ms
-        row.update(collective_time(model, device, group))
+        row.update(collective_time(model, device, group, show=args.profile and (group is None or dist.get_rank() == 0)))
     if device.type == "cuda":
         peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 1e9], device=device)
         if group is not None:
@@ -246,7 +246,7 @@ def captured_step_ms(model, device) -> float | None:
     return sorted(times)[len(times) // 2]
 
 
-def collective_time(model, device, group) -> dict:
+def collective_time(model, device, group, show: bool = False) -> dict:
     """GPU time of the NCCL kernels (all-reduce, all-gather, ...) in one replay of the captured step, from the
     profiler's kernel records. A collective kernel also runs while it waits for the other ranks, so this is an
     upper bound on what the collectives cost per denoising step on this rank; the ranks meet at a barrier
@@ -261,6 +261,8 @@ def collective_time(model, device, group) -> dict:
             engine._captured.replay()
             torch.cuda.synchronize(device)
     engine.step_index.zero_()
+    if show:  # where a step's time goes on this rank, heaviest kernels first
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70), flush=True)
     nccl = [e for e in prof.key_averages() if "nccl" in e.key.lower() and e.device_time_total > 0]
     return {"collective_ms_per_step": sum(e.device_time_total for e in nccl) / 1e3,
             "collectives_per_step": sum(e.count for e in nccl)}
@@ -287,6 +289,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--check-layers", type=int, default=4, help="layers of the float32 correctness model (0: skip)")
     parser.add_argument("--no-reference", action="store_true", help="skip the one-GPU speed runs")
+    parser.add_argument("--profile", action="store_true", help="rank 0 prints the kernels of one captured step")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (smoke run, CPU/gloo works)")
     parser.add_argument("--out", type=Path, default=Path("results/distributed_check.json"))
     args = parser.parse_args(argv)
