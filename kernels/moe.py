@@ -90,6 +90,37 @@ _NVFP4_OFFSET = tl.constexpr(128.0)
 _TWO_POW_119 = tl.constexpr(2.0**119)
 
 
+def _decode_pair_ptx(out: str, src: str, sign_shift: int, scale: str) -> str:
+    """PTX for one bf16x2 output of `_decode_bf16`: in each 16-bit lane of `src`, shifting left by `sign_shift`
+    puts the nibble's sign on bit 15 and by `sign_shift - 6` its e e m bits on 8..6; then the scale's fma."""
+    return f"""
+        shl.b32 a, {src}, {sign_shift};
+        shl.b32 b, {src}, {sign_shift - 6};
+        and.b32 a, a, 0x80008000;
+        and.b32 b, b, 0x01C001C0;
+        or.b32 a, a, b;
+        fma.rn.bf16x2 {out}, a, {scale}, neg0;"""
+
+
+# $4: four packed bytes; prmt spreads bytes 0, 1 (t0) and 2, 3 (t1) over 16-bit lanes. Low nibbles need shifts
+# of 12 (sign) and 6 (e e m), high nibbles 8 and 2. Outputs $0..$3, scales $5, $6 (low), $7, $8 (high).
+_DECODE_BF16_PTX = tl.constexpr(
+    """
+        {
+        .reg .b32 t0, t1, a, b, neg0;
+        mov.b32 neg0, 0x80008000;
+        prmt.b32 t0, $4, 0, 0x4140;
+        prmt.b32 t1, $4, 0, 0x4342;"""
+    + _decode_pair_ptx("$0", "t0", 12, "$5")
+    + _decode_pair_ptx("$1", "t1", 12, "$6")
+    + _decode_pair_ptx("$2", "t0", 8, "$7")
+    + _decode_pair_ptx("$3", "t1", 8, "$8")
+    + """
+        }
+        """
+)
+
+
 @triton.jit
 def _decode_bf16(packed, scale_low, scale_high):
     """bf16 fast path, 8 weights per asm block: packed [..] uint8 (byte j: low nibble element j, high nibble element
@@ -99,38 +130,7 @@ def _decode_bf16(packed, scale_low, scale_high):
     included (code 1 = 0.5 lands on bf16's subnormal 2^-127), so a decode is two shifts and two masks per pair
     of weights and one bf16x2 fma applies the scale: value * 2^-126 * scale * 2^119 = value * scale * 2^-7."""
     return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 t0, t1, a, b, neg0;
-        mov.b32 neg0, 0x80008000;
-        prmt.b32 t0, $4, 0, 0x4140;
-        prmt.b32 t1, $4, 0, 0x4342;
-        shl.b32 a, t0, 12;
-        shl.b32 b, t0, 6;
-        and.b32 a, a, 0x80008000;
-        and.b32 b, b, 0x01C001C0;
-        or.b32 a, a, b;
-        fma.rn.bf16x2 $0, a, $5, neg0;
-        shl.b32 a, t1, 12;
-        shl.b32 b, t1, 6;
-        and.b32 a, a, 0x80008000;
-        and.b32 b, b, 0x01C001C0;
-        or.b32 a, a, b;
-        fma.rn.bf16x2 $1, a, $6, neg0;
-        shl.b32 a, t0, 8;
-        shl.b32 b, t0, 2;
-        and.b32 a, a, 0x80008000;
-        and.b32 b, b, 0x01C001C0;
-        or.b32 a, a, b;
-        fma.rn.bf16x2 $2, a, $7, neg0;
-        shl.b32 a, t1, 8;
-        shl.b32 b, t1, 2;
-        and.b32 a, a, 0x80008000;
-        and.b32 b, b, 0x01C001C0;
-        or.b32 a, a, b;
-        fma.rn.bf16x2 $3, a, $8, neg0;
-        }
-        """,
+        asm=_DECODE_BF16_PTX,
         constraints="=r,=r,=r,=r,r,r,r,r,r",
         args=[packed, scale_low, scale_high],
         dtype=(tl.bfloat16, tl.bfloat16),
