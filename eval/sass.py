@@ -1,0 +1,142 @@
+"""Offline instruction counts of the MoE kernels' main loop: no GPU needed.
+
+    python -m eval.sass [--arch 90] [--formats nvfp4,bf16] [--cvt on|off] [--out results/sass.json]
+
+Compiles `dgemma_hf.kernels.moe`'s gate_up and down kernels for each config of the block tables with Triton's
+own compiler and ptxas (shipped in the triton wheel), with the specializations the JIT applies at run time
+(16-byte aligned pointers, hidden and intermediate sizes divisible by 16: without them the loads would look
+unvectorised and unpipelined), disassembles them with the wheel's nvdisasm, finds the main loop (the longest
+backward branch) and prints, per kernel: registers, local-memory (spill) bytes, shared memory, the loop's
+instruction count, instructions per weight element a thread handles per iteration, and its commonest opcodes.
+
+An NVFP4 kernel at a small batch is bound by instruction issue, not bytes (REFERENCE.md's floor is bytes): this
+count is what a change to the decode or the tiles moves, and it costs no device time. Timing still needs a GPU
+(`python -m eval.kernels`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # a real compile, even where the tests interpret
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+# Pointer element types of the kernels' arguments (bf16 activations; NVFP4 weights and scales as bytes).
+POINTERS = {
+    "x_ptr": "*bf16", "act_ptr": "*bf16", "out_ptr": "*bf16", "sorted_pairs_ptr": "*i32",
+    "expert_offsets_ptr": "*i32", "tile_expert_ptr": "*i32", "tile_start_ptr": "*i32",
+    "top_k_weights_ptr": "*fp32", "gate_scale2_ptr": "*fp32", "up_scale2_ptr": "*fp32", "down_scale2_ptr": "*fp32",
+}
+DIVISIBLE = ("H", "I")  # the real shapes' sizes; TOP_K (8) is not specialised
+
+
+def compile_kernel(kernel, constants: dict, num_warps: int, num_stages: int, arch: int, nvfp4: bool):
+    """Compiles `kernel` (a triton.jit function) with `constants` for its constexpr parameters."""
+    weight = "*u8" if nvfp4 else "*bf16"
+    signature, attrs = {}, {}
+    for index, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = POINTERS.get(name, weight if name.startswith("w_") else "i32")
+        if signature[name].startswith("*") or name in DIVISIBLE:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def loop_histogram(sass: str) -> collections.Counter:
+    """Opcodes of the longest loop: the instructions between a backward branch and its target label."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\.L_x_\d+):", line))}
+    span = None
+    for i, line in enumerate(lines):
+        target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
+        if target and labels.get(target.group(1), i) < i:
+            start = labels[target.group(1)]
+            if span is None or i - start > span[1] - span[0]:
+                span = (start, i)
+    ops = collections.Counter()
+    for line in lines[span[0] : span[1] + 1] if span else []:
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            ops[m.group(1)] += 1
+    return ops
+
+
+def inspect_kernel(compiled, work_dir: Path, tag: str) -> dict:
+    cubin = work_dir / f"{tag}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    usage = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                           check=True).stdout
+    registers, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    sass = subprocess.run([str(BIN / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    ops = loop_histogram(sass)
+    return {"registers": registers, "stack_bytes": stack, "shared_bytes": compiled.metadata.shared,
+            "loop_instructions": sum(ops.values()), "opcodes": ops}
+
+
+def rows(formats, cvt: bool, arch: int):
+    from dgemma_hf.kernels import moe
+
+    tables = {"nvfp4": moe._NVFP4_CONFIGS, "bf16": moe._CONFIGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in formats:
+            nvfp4 = fmt == "nvfp4"
+            for limit, block_m, block_n, block_k, warps, stages, *swap in tables[fmt]:
+                constants = dict(NVFP4=nvfp4, FAST_BF16=nvfp4, E4M3_CVT=nvfp4 and cvt, SWAP_AB=bool(swap and swap[0]),
+                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                # Gate and up: two weight tiles of BLOCK_N x BLOCK_K a step; down: one.
+                for name, kernel, tiles in (("gate_up", moe._gate_up_kernel, 2), ("down", moe._down_kernel, 1)):
+                    compiled = compile_kernel(kernel, constants, warps, stages, arch, nvfp4)
+                    facts = inspect_kernel(compiled, Path(tmp), f"{fmt}_{name}_{block_m}_{block_n}_{block_k}")
+                    per_thread = tiles * block_n * block_k / (warps * 32)
+                    yield {"format": fmt, "kernel": name, "mean_pairs_up_to": limit,
+                           "config": [block_m, block_n, block_k, warps, stages, *swap],
+                           "per_weight": facts["loop_instructions"] / per_thread, **facts}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability without the dot (90: Hopper)")
+    parser.add_argument("--formats", default="nvfp4,bf16", help="comma-separated: nvfp4, bf16")
+    parser.add_argument("--cvt", choices=("on", "off"), default="on",
+                        help="NVFP4 scales through cvt.rn.f16x2.e4m3x2 (sm_89+) or the integer route")
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    formats = args.formats.split(",")
+    if not formats or any(f not in ("nvfp4", "bf16") for f in formats):
+        raise SystemExit(f"--formats takes nvfp4 and/or bf16, got {args.formats!r}")
+    if args.cvt == "on" and args.arch < 89:
+        raise SystemExit(f"--cvt on needs --arch 89 or newer, got {args.arch}")
+    print(f"{'kernel':16s} {'config':26s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'loop':>5s} {'/weight':>7s}  "
+          "opcodes")
+    report = []
+    for row in rows(formats, args.cvt == "on", args.arch):
+        report.append(row)
+        top = " ".join(f"{op}:{count}" for op, count in row["opcodes"].most_common(8))
+        print(f"{row['format'] + ' ' + row['kernel']:16s} {str(row['config']):26s} {row['registers']:4d} "
+              f"{row['stack_bytes']:5d} {row['shared_bytes']:6d} {row['loop_instructions']:5d} "
+              f"{row['per_weight']:7.2f}  {top}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"arch": args.arch, "cvt": args.cvt, "rows": report}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
