@@ -261,43 +261,47 @@ def _append_to_cache(attn, past_key_values, key, value):
     return past_key_values.update(key, value, attn.layer_idx)
 
 
-class FusedDecoderLayer(upstream.DiffusionGemmaDecoderTextLayer):
+class _FusedForward:
+    """The inference forward both fused layer classes share: the regions where `fused_projections` allows them
+    (and the layer takes these inputs, see `_fuses`), else the upstream class's forward (next in the MRO)."""
+
+    def _fuses(self, hidden_states) -> bool:
+        return True
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
+                past_key_values=None, **kwargs):
+        projections = fused_projections(self, hidden_states, kwargs) if self._fuses(hidden_states) else None
+        if projections is None:
+            return super().forward(hidden_states, position_embeddings, attention_mask, position_ids,
+                                   past_key_values, **kwargs)
+        return fused_forward(self, projections, hidden_states, position_embeddings, attention_mask, position_ids,
+                             past_key_values, self._write_cache, **kwargs)
+
+
+class FusedDecoderLayer(_FusedForward, upstream.DiffusionGemmaDecoderTextLayer):
     """Upstream's decoder layer with a fused forward for inference (same parameters, same state dict).
     `DiffusionGemmaForMaskedGeneration` gives its decoder layers this class when it is built. The regions take
     plain tensors, not modules: per-module objects (e.g. each activation's functools.partial) would make dynamo
     compile one graph per layer."""
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
-                past_key_values=None, **kwargs):
-        projections = fused_projections(self, hidden_states, kwargs)
-        if projections is None:
-            return super().forward(hidden_states, position_embeddings, attention_mask, position_ids,
-                                   past_key_values, **kwargs)
-        return fused_forward(self, projections, hidden_states, position_embeddings, attention_mask, position_ids,
-                             past_key_values, _read_cache, **kwargs)
+    _write_cache = staticmethod(_read_cache)  # the decoder reads the cache (the canvas is not committed)
 
 
-class FusedEncoderLayer(upstream.DiffusionGemmaEncoderTextLayer):
+class FusedEncoderLayer(_FusedForward, upstream.DiffusionGemmaEncoderTextLayer):
     """Upstream's encoder layer, fused like the decoder's for the canvas commits (inputs of `canvas_length`
     tokens: the decoder's shapes, so the same compiled graphs). Prompts of other lengths take upstream's forward,
     so a new prompt length never triggers a compilation."""
 
     canvas_length: int | None = None  # set by `use_fused_layers`
+    _write_cache = staticmethod(_append_to_cache)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
-                past_key_values=None, **kwargs):
-        projections = None
-        if hidden_states.shape[1] == self.canvas_length:
-            projections = fused_projections(self, hidden_states, kwargs)
-        if projections is None:
-            return super().forward(hidden_states, position_embeddings, attention_mask, position_ids,
-                                   past_key_values, **kwargs)
-        return fused_forward(self, projections, hidden_states, position_embeddings, attention_mask, position_ids,
-                             past_key_values, _append_to_cache, **kwargs)
+    def _fuses(self, hidden_states) -> bool:
+        return hidden_states.shape[1] == self.canvas_length
 
 
 _FUSED = {upstream.DiffusionGemmaDecoderTextLayer: FusedDecoderLayer,
           upstream.DiffusionGemmaEncoderTextLayer: FusedEncoderLayer}
+_UPSTREAM = {fused: upstream_class for upstream_class, fused in _FUSED.items()}
 
 
 def _text_layers(model) -> list:
@@ -319,9 +323,9 @@ def use_fused_layers(model) -> None:
 def use_upstream_layers(model) -> list:
     """Gives the fused text layers upstream's classes back, keeping the decoder attention's cache fix; returns the
     layers it changed."""
-    layers = [layer for layer in _text_layers(model) if type(layer) in (FusedDecoderLayer, FusedEncoderLayer)]
+    layers = [layer for layer in _text_layers(model) if type(layer) in _UPSTREAM]
     for layer in layers:
-        layer.__class__ = type(layer).__mro__[1]
+        layer.__class__ = _UPSTREAM[type(layer)]
     return layers
 
 
