@@ -6,6 +6,7 @@ the one place where dgemma_hf's faster engine, experts and attention backends pl
 - the "dgemma" experts backend by default (Triton MoE kernels on CUDA, upstream's grouped_mm elsewhere);
 - text layers whose inference forward runs in three fused regions (the encoder's for canvas commits), and
   decoder attention that reads a full sliding-window StaticCache as a DynamicCache presents it (fused_layers.py);
+- the "dgemma_attention" backend for the text layers by default where CUDA exists (attention.py);
 - checkpoint checks before loading (model type, shards, safetensors headers, quantization method);
 - argument checks before generating (empty prompt, context length, ranges of the generation settings).
 """
