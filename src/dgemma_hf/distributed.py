@@ -20,8 +20,8 @@ vocabulary), so the tied weights share one placement. On N ranks:
 - vocabulary ("dgemma_vocab_embedding", "dgemma_vocab_head", "dgemma_soft_embedding"): the embedding / LM
   head matrix (tied) is split by rows: a lookup is a local lookup + all-reduce (exact), the LM head a local
   matmul + all-gather, the self-conditioning soft embedding (softmax(logits) @ embedding) a local matmul over
-  this rank's vocabulary columns + all-reduce, in both sampling modes (`VocabShard.soft_embedding` is the fused
-  engine's).
+  this rank's vocabulary columns + all-reduce, in both sampling modes (the fused engine's `_soft_embedding`
+  reads the rank's rows from `VocabShard`).
 - routed experts ("grouped_gemm" + "dgemma_expert_parallel"): expert parallelism. Rank r holds experts
   [r E/N, (r+1) E/N) (bf16 parameters, or NVFP4 buffers, which are cut to the local experts at the first
   forward). Routing runs identically on every rank; each rank zeroes the routing weights of the other ranks'
@@ -208,19 +208,6 @@ class VocabShard:
         out = torch.matmul(probs[..., self.start : self.start + self.size], self.weight)
         dist.all_reduce(out, group=self.group)
         return out
-
-    def soft_embedding(self, logits, inv_temperature, log_norm, chunk: int) -> torch.Tensor:
-        """The fused engine's soft embedding, softmax(logits * inv_temperature) @ embedding * embed_scale, from
-        the sampler's log-normaliser, chunk by chunk over this rank's vocabulary columns, summed over ranks."""
-        weight = self.weight
-        rows = logits.view(-1, logits.shape[-1])[:, self.start : self.start + self.size]
-        soft = torch.zeros(rows.shape[0], weight.shape[1], dtype=torch.float32, device=rows.device)
-        for begin in range(0, self.size, chunk):
-            probs = torch.exp(rows[:, begin : begin + chunk] * inv_temperature - log_norm[:, None])
-            soft += torch.mm(probs.to(weight.dtype), weight[begin : begin + chunk]).float()
-        dist.all_reduce(soft, group=self.group)
-        soft = soft.to(weight.dtype) * self.embedding.embed_scale.to(weight.dtype)
-        return soft.view(*logits.shape[:2], -1)
 
 
 # -- styles -----------------------------------------------------------------------------------------------------

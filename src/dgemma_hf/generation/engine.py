@@ -183,16 +183,19 @@ class DenoisingEngine:
 
     def _soft_embedding(self, logits: torch.Tensor, inv_temperature, log_norm) -> torch.Tensor:
         """softmax(logits * inv_temperature) @ embedding * embed_scale, rebuilt chunk by chunk from the
-        sampler's log-normaliser, so no second [batch, canvas, vocab] tensor exists."""
+        sampler's log-normaliser, so no second [batch, canvas, vocab] tensor exists. With the vocabulary split over
+        ranks (dgemma_hf.distributed) each rank sums over its own rows of the embedding, then the ranks add up."""
         embed = self.model.model.decoder.embed_tokens
-        if getattr(embed, "vocab_shard", None) is not None:  # vocabulary split over ranks (dgemma_hf.distributed)
-            return embed.vocab_shard.soft_embedding(logits, inv_temperature, log_norm, _SOFT_CHUNK)
-        rows = logits.view(-1, logits.shape[-1])
-        soft = torch.zeros(rows.shape[0], embed.weight.shape[1], dtype=torch.float32, device=rows.device)
-        for start in range(0, rows.shape[1], _SOFT_CHUNK):
-            probs = torch.exp(rows[:, start : start + _SOFT_CHUNK] * inv_temperature - log_norm[:, None])
-            soft += torch.mm(probs.to(embed.weight.dtype), embed.weight[start : start + _SOFT_CHUNK]).float()
-        soft = soft.to(embed.weight.dtype) * embed.embed_scale.to(embed.weight.dtype)
+        shard = getattr(embed, "vocab_shard", None)
+        weight, start = (embed.weight, 0) if shard is None else (shard.weight, shard.start)
+        rows = logits.view(-1, logits.shape[-1])[:, start : start + weight.shape[0]]
+        soft = torch.zeros(rows.shape[0], weight.shape[1], dtype=torch.float32, device=rows.device)
+        for begin in range(0, weight.shape[0], _SOFT_CHUNK):
+            probs = torch.exp(rows[:, begin : begin + _SOFT_CHUNK] * inv_temperature - log_norm[:, None])
+            soft += torch.mm(probs.to(weight.dtype), weight[begin : begin + _SOFT_CHUNK]).float()
+        if shard is not None:
+            torch.distributed.all_reduce(soft, group=shard.group)
+        soft = soft.to(weight.dtype) * embed.embed_scale.to(weight.dtype)
         return soft.view(*logits.shape[:2], -1)
 
     def _fused_candidates(self, logits, inv_temperature):
