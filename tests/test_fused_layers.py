@@ -167,7 +167,10 @@ def test_recording_router_logits_takes_upstreams_forward(tokenizer, region_calls
 def test_compiled_regions_match_eager_regions_on_cuda(tokenizer):
     """On CUDA the regions are compiled (inductor fuses, so bf16 roundings differ): close to the eager layer,
     and each region compiles once per attention type, not once per layer."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()  # graphs compiled by earlier tests in this process do not count
     config = variant_config("mha_no_k_eq_v")
     model = build_pair(config, tokenizer, seed=6)[0].to("cuda", torch.bfloat16)
     with torch.no_grad():
@@ -177,8 +180,6 @@ def test_compiled_regions_match_eager_regions_on_cuda(tokenizer):
             got = layer(hidden, **kwargs).float()
             want = upstream.DiffusionGemmaDecoderTextLayer.forward(layer, hidden.clone(), **kwargs).float()
             assert ((got - want).norm() / want.norm()).item() < 2e-2, f"layer {index}"
-    from torch._dynamo.utils import counters
-
     # Three regions, all compiled; the attention-input region differs between sliding and full layers.
     assert 3 <= counters["stats"]["unique_graphs"] <= 4
 
@@ -190,6 +191,42 @@ def test_upstream_layers_context_restores_the_fused_layers(tokenizer):
     with upstream_layers(model):
         assert all(type(layer) is upstream.DiffusionGemmaDecoderTextLayer for layer in model.model.decoder.layers)
     assert all(type(layer) is FusedDecoderLayer for layer in model.model.decoder.layers)
+
+
+@pytest.mark.parametrize("prompts", [["Hi", "Tom"], ["Why is the sky blue?", "Hi"]])
+def test_decoder_reads_a_static_cache_in_place_with_upstreams_values(prompts, tokenizer):
+    """Upstream's append_to_cache copies the whole static cache into new tensors every step; DecoderAttention
+    writes the canvas into the cache's (padded) buffers and returns them: the same values, every layer, over two
+    steps, including a sliding layer whose window the canvas runs past (short prompt) and one already filled
+    past the window by the prompt (long prompt; read the DynamicCache way, see the next test)."""
+    config = variant_config("mha_no_k_eq_v")  # window 8, canvas 8, sliding and global layers
+    model = build_pair(config, tokenizer, seed=21)[0]
+    input_ids, attention_mask = left_padded_batch(tokenizer, prompts)
+    length, canvas_length = input_ids.shape[1], config.canvas_length
+    cache = StaticCache(config=config.get_text_config(decoder=True), max_cache_len=length + 2 * canvas_length)
+    with torch.no_grad():
+        model.model.encoder(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                            position_ids=torch.arange(length)[None])
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    generator = torch.Generator().manual_seed(5)
+    in_place = 0
+    for step in range(2):
+        for index, layer in enumerate(model.model.decoder.layers):
+            attention = layer.self_attn
+            heads = cache.layers[index].keys.shape[1]
+            shape = (2, heads, canvas_length, cache.layers[index].keys.shape[-1])
+            key, value = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+            want = upstream.DiffusionGemmaDecoderTextAttention.append_to_cache(attention, cache, key, value)
+            got = attention.append_to_cache(cache, key, value)
+            if not fused_layers.full_sliding_window(cache.layers[index]):  # (a full window: the test below)
+                assert all(torch.equal(g, w) for g, w in zip(got, want)), f"step {step}, layer {index}"
+                assert got[0].data_ptr() == cache.layers[index].keys.data_ptr()  # the cache's memory, no copy
+                in_place += 1
+            # Only the canvas's columns of the cache were written (the commit pass fills them next).
+            start = cache.layers[index].cumulative_length.item()
+            for now, then in zip((cache.layers[index].keys, cache.layers[index].values), before[index]):
+                assert torch.equal(now[:, :, :start], then[:, :, :start])
+    assert in_place >= len(model.model.decoder.layers)  # the global layers at least, both steps
 
 
 @pytest.mark.parametrize("variant", ["default", "mha_no_k_eq_v"])

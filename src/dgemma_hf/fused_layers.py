@@ -99,22 +99,53 @@ def full_sliding_window(cache_layer) -> bool:
 
 
 class DecoderAttention(upstream.DiffusionGemmaDecoderTextAttention):
-    """Upstream's decoder attention, reading a full sliding-window StaticCache layer correctly.
+    """Upstream's decoder attention, reading a StaticCache without copying it, and a full sliding-window layer
+    correctly.
 
-    Upstream's `append_to_cache` writes the canvas into a static cache's buffer at the layer's
-    `cumulative_length`, which a `StaticSlidingWindowLayer` stops updating once its window fills: the canvas then
-    overwrites the latest prefix tokens. Here a full window is read as a DynamicCache presents it (its last
+    For a static cache layer of `length` columns, upstream's `append_to_cache` returns new [batch, heads,
+    length + canvas, dim] tensors: zeros, the whole cache copied in, the canvas written at the layer's
+    `cumulative_length` (which the commit pass fills next). Every decoder step so copied every cache layer twice.
+    Here the cache layer's buffers become views of tensors `canvas` columns longer (zeros past the cache), the
+    canvas is written in place at `cumulative_length` and the longer tensors are returned: the same values, with
+    no copy. Columns past the canvas are masked out, as in upstream's layout.
+
+    A `StaticSlidingWindowLayer` stops updating `cumulative_length` once its window fills, so upstream's canvas
+    would overwrite the latest prefix tokens. A full window is read as a DynamicCache presents it (its last
     window - 1 tokens, then the canvas), followed by one zero column: upstream's decoder mask for that layer has
     exactly this layout, its last column (past the canvas) masked out."""
 
     def append_to_cache(self, past_key_values, key_states, value_states):
         cache_layer = past_key_values.layers[self.layer_idx]
         if not full_sliding_window(cache_layer):
-            return super().append_to_cache(past_key_values, key_states, value_states)
+            if not past_key_values.is_compileable:  # a dynamic cache: upstream's concatenation
+                return super().append_to_cache(past_key_values, key_states, value_states)
+            keys, values = _padded_buffers(cache_layer, key_states.shape[-2])
+            positions = torch.arange(key_states.shape[-2], device=keys.device) + cache_layer.cumulative_length
+            keys.index_copy_(2, positions, key_states)
+            values.index_copy_(2, positions, value_states)
+            return keys, values
         pad = key_states.new_zeros(*key_states.shape[:2], 1, key_states.shape[-1])
         keys = torch.cat((cache_layer.keys[:, :, 1:], key_states, pad), dim=-2)
         values = torch.cat((cache_layer.values[:, :, 1:], value_states, pad.to(value_states.dtype)), dim=-2)
         return keys, values
+
+
+def _padded_buffers(cache_layer, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The static cache layer's keys and values as views of zero-padded tensors `extra` columns longer (made on
+    first use: the cache's values are copied over once), and the padded tensors."""
+    padded = getattr(cache_layer, "_dgemma_padded", None)
+    if padded is None or padded[0].shape[-2] != cache_layer.keys.shape[-2] + extra or any(
+        buffer.data_ptr() != whole.data_ptr() for buffer, whole in zip((cache_layer.keys, cache_layer.values), padded)
+    ):
+        padded = []
+        for name in ("keys", "values"):
+            buffer = getattr(cache_layer, name)
+            whole = buffer.new_zeros(*buffer.shape[:2], buffer.shape[2] + extra, buffer.shape[3])
+            whole[:, :, : buffer.shape[2]] = buffer
+            setattr(cache_layer, name, whole[:, :, : buffer.shape[2]])
+            padded.append(whole)
+        cache_layer._dgemma_padded = tuple(padded)
+    return cache_layer._dgemma_padded
 
 
 def _region(function, device: torch.device):

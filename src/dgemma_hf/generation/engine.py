@@ -331,10 +331,12 @@ class DenoisingEngine:
                 pending.append((event, flag))
 
     def _mask_key(self):
-        """What a captured step depends on besides the buffers: the masks' shapes, and which sliding-window cache
-        layers are full (the fused layers read a full window differently, see fused_layers)."""
+        """What a captured step depends on besides the engine's buffers: the masks' shapes, the cache's memory
+        (another cache object, or its buffers made anew) and which sliding-window cache layers are full (the
+        fused layers read a full window differently, see fused_layers)."""
         shapes = tuple((k, None if m is None else tuple(m.shape)) for k, m in sorted(self.mask_mapping.items()))
-        return shapes, tuple(full_sliding_window(layer) for layer in self.cache.layers)
+        memory = tuple((layer.keys.data_ptr(), layer.values.data_ptr()) for layer in self.cache.layers)
+        return shapes, memory, tuple(full_sliding_window(layer) for layer in self.cache.layers)
 
     def _ready_graph(self):
         """The captured step, if one exists for masks of these shapes: the canvas's masks are copied into the
@@ -434,38 +436,42 @@ class DenoisingEngine:
         for canvas_index in range(self.canvases):
             # Commit what is new (the prompt, then the last canvas) to the cache with one encoder pass.
             if canvas_index == 0:
-                self._encode_prompt(input_ids, attention_mask, encoder_position_ids, prompt_kwargs)
+                with _phase("prefill"):
+                    self._encode_prompt(input_ids, attention_mask, encoder_position_ids, prompt_kwargs)
             else:
-                self._encode(input_ids, attention_mask, encoder_position_ids, is_prefill=False)
-            start = self._initial_canvas(canvas_index)  # drawn even when a canvas is given, as upstream does
-            if canvas_index == 0 and decoder_input_ids is not None:
-                start = decoder_input_ids
-            self.mask_mapping = model.model.decoder.create_diffusion_decoder_attention_mask(
-                config=model.config, inputs_embeds=start.unsqueeze(-1), past_key_values=self.cache,
-                decoder_attention_mask=decoder_attention_mask,
-            )
-            self._start_canvas(start, sc_logits if canvas_index == 0 else None, canvas_index)
-            if self.sampling == "fused":
-                self._denoise_fused(decoder_position_ids, streamer)
-            else:
-                self._denoise_reference(decoder_position_ids, streamer)
-
-            input_ids = torch.cat([input_ids, self.argmax.clone()], dim=-1)
-            input_ids, finished = model._finalize_canvas(
-                input_ids=input_ids, finished_sequences=self.finished_sequences.clone(),
-                generation_config=generation_config, stopping_criteria=stopping_criteria,
-                canvas_length=length, eos_tensor=eos,
-            )
-            self.finished_sequences.copy_(finished)
-            committed = input_ids[:, -length:]
-            if settings.pad_token_id is not None:
-                self.logits_processing.observe(committed, committed != settings.pad_token_id)
-            else:
-                self.logits_processing.observe(committed, torch.ones_like(committed, dtype=torch.bool))
-            if streamer is not None:
-                streamer.put(input_ids[:, -length:].cpu())
-            if bool(self.finished_sequences.all()):  # the one host sync of a canvas
-                break
+                with _phase("commit"):
+                    self._encode(input_ids, attention_mask, encoder_position_ids, is_prefill=False)
+            with _phase("canvas_start"):
+                start = self._initial_canvas(canvas_index)  # drawn even when a canvas is given, as upstream does
+                if canvas_index == 0 and decoder_input_ids is not None:
+                    start = decoder_input_ids
+                self.mask_mapping = model.model.decoder.create_diffusion_decoder_attention_mask(
+                    config=model.config, inputs_embeds=start.unsqueeze(-1), past_key_values=self.cache,
+                    decoder_attention_mask=decoder_attention_mask,
+                )
+                self._start_canvas(start, sc_logits if canvas_index == 0 else None, canvas_index)
+            with _phase("denoise"):
+                if self.sampling == "fused":
+                    self._denoise_fused(decoder_position_ids, streamer)
+                else:
+                    self._denoise_reference(decoder_position_ids, streamer)
+            with _phase("canvas_end"):  # ends with the one host sync of a canvas
+                input_ids = torch.cat([input_ids, self.argmax.clone()], dim=-1)
+                input_ids, finished = model._finalize_canvas(
+                    input_ids=input_ids, finished_sequences=self.finished_sequences.clone(),
+                    generation_config=generation_config, stopping_criteria=stopping_criteria,
+                    canvas_length=length, eos_tensor=eos,
+                )
+                self.finished_sequences.copy_(finished)
+                committed = input_ids[:, -length:]
+                if settings.pad_token_id is not None:
+                    self.logits_processing.observe(committed, committed != settings.pad_token_id)
+                else:
+                    self.logits_processing.observe(committed, torch.ones_like(committed, dtype=torch.bool))
+                if streamer is not None:
+                    streamer.put(input_ids[:, -length:].cpu())
+                if bool(self.finished_sequences.all()):
+                    break
             cur_len, decoder_attention_mask, attention_mask, encoder_position_ids, decoder_position_ids = (
                 model._prepare_kwargs_for_next_canvas(
                     attention_mask=attention_mask, decoder_attention_mask=decoder_attention_mask,
@@ -478,6 +484,11 @@ class DenoisingEngine:
             input_ids, self.forward_passes, initial_length, settings.pad_token_id
         )
         return input_ids, tokens_per_forward, self.cache
+
+
+def _phase(name: str):
+    """A named range of generate() in torch.profiler's traces (eval.speed --profile sums them)."""
+    return torch.profiler.record_function(f"dgemma_hf.{name}")
 
 
 def _put_draft(streamer, argmax: torch.Tensor) -> None:
