@@ -150,7 +150,8 @@ def run_case(model, batch: int, args, engine: str, attention: str = "sdpa") -> d
     seconds = sorted(times)[len(times) // 2]
     new_tokens = out.sequences.shape[1] - args.prompt
     steps = -(-args.new_tokens // model.config.canvas_length) * args.steps
-    return {
+    extra = {"call_profile": profile_call(run)} if args.profile and engine != "upstream_generate" else {}
+    return extra | {
         "engine": engine,
         "experts": args.experts_kind,
         "attention": attention,
@@ -188,6 +189,44 @@ def profile_step(model) -> dict:
             "kernel_ms_per_step": sum(e.device_time_total for e in kernels) / 1e3}
 
 
+def profile_call(run) -> dict:
+    """Profiles one whole generate() call: per phase of the engine (its `dgemma_hf.*` ranges: prefill, commit,
+    canvas_start, denoise, canvas_end) the host milliseconds, the GPU milliseconds of the kernels launched from it
+    and its heaviest kernels; the call's wall time and the time the GPU was busy. The profiler slows the host
+    side; compare phases, not the wall time with unprofiled rows."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        wall_s, _ = timed(run)
+    events = prof.events()
+    phases = {}
+    for event in events:
+        if not event.name.startswith("dgemma_hf.") or event.device_type != torch.autograd.DeviceType.CPU:
+            continue  # (the profiler also marks each range on the GPU's timeline)
+        phase = phases.setdefault(event.name.partition(".")[2], {"count": 0, "host_ms": 0.0, "gpu_ms": 0.0,
+                                                                 "kernels": {}})
+        phase["count"] += 1
+        phase["host_ms"] += event.time_range.elapsed_us() / 1e3
+        phase["gpu_ms"] += event.device_time_total / 1e3
+        stack = [event]
+        while stack:  # every kernel launched inside the range
+            child = stack.pop()
+            stack.extend(child.cpu_children)
+            for kernel in child.kernels:
+                phase["kernels"][kernel.name] = phase["kernels"].get(kernel.name, 0.0) + kernel.duration / 1e3
+    for phase in phases.values():
+        heaviest = sorted(phase["kernels"].items(), key=lambda item: -item[1])[:8]
+        phase["kernels"] = {name[:90]: round(ms, 3) for name, ms in heaviest}
+    busy = sorted((e.time_range.start, e.time_range.end) for e in events
+                  if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    busy_us, end = 0.0, float("-inf")
+    for start, stop in busy:  # the union of the GPU's intervals
+        busy_us += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    summary = {"profiled_wall_ms": wall_s * 1e3, "gpu_busy_ms": busy_us / 1e3, "phases": phases}
+    print(json.dumps(summary, indent=1), flush=True)
+    return summary
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="1,4,8", help="comma-separated batch sizes")
@@ -206,7 +245,8 @@ def main(argv=None) -> int:
                         help="dgemma_hf's engine prefills the prompt in chunks of this many tokens (long prompts)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true",
-                        help="also time one captured decoder step and list the kernels of one step")
+                        help="also profile one generate() call by phase, time one captured decoder step and list the "
+                        "kernels of one step")
     parser.add_argument("--out", type=Path, default=Path("results/speed.json"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
