@@ -1,7 +1,8 @@
 """Multi-GPU check and speed run: DiffusionGemma split over N GPUs (tensor + expert parallel, NCCL) against one GPU.
 
     torchrun --nproc-per-node N -m eval.distributed_check [--experts bf16|nvfp4] [--batch 1,8] [--layers 30]
-        [--prompt 512] [--new-tokens 512] [--steps 16] [--repeats 3] [--check-layers 4] [--no-reference] [--profile]
+        [--prompt 512] [--new-tokens 512] [--steps 16] [--repeats 3] [--check-layers 4] [--no-check-trained]
+        [--no-reference] [--profile]
         [--out results/distributed_check.json]
 
 Run from the repository root. Random weights, built on the GPUs (no download): every weight is drawn from a
@@ -21,6 +22,10 @@ generator seeded by its name, so the one-GPU model and the union of the N shards
    first-call seconds, peak memory (the largest over ranks), and the sequences'
    agreement across ranks and with one GPU (bf16 sums in another order can pick other tokens; reported, not
    required).
+1b. Correctness on dgemma_hf's shipped trained model (`--check-trained`, on by default): float32, loaded by
+   `AutoModel.from_pretrained` on one GPU and with `tp_plan="auto"` over the N ranks; both sampling modes with
+   the generation config's defaults on a left-padded batch of arithmetic prompts. Its peaked distributions make
+   "identical to one GPU" a fair demand, which the random model's nearly flat ones over 262K tokens do not.
 
 Rank 0 prints one JSON line per result and writes everything to `--out`. NCCL_NVLS_ENABLE defaults to 0 (the
 machines' NVLink multicast is off). `--tiny` swaps the 26B-A4B shapes for dgemma_hf's tiny test config, for a
@@ -193,6 +198,36 @@ def correctness_outputs(model, device, steps: int) -> dict:
     return {"reference": reference[:, length:], "fused": fused[:, length:], "logits": logits.float()}
 
 
+TRAINED_PROMPTS = ["Calculate 7 - 2 + 4.", "Calculate 12 + 30 - 5 + 1.", "Calculate 3 + 3."]
+
+
+def trained_outputs(device, mesh=None) -> dict:
+    """dgemma_hf's shipped trained model (float32) loaded through AutoModel, on this GPU alone or with
+    `tp_plan="auto"` over the mesh's ranks: sequences of both sampling modes (generation config's defaults,
+    adaptive stopping included) on a left-padded batch of its arithmetic prompts. A trained model's peaked
+    distributions keep reduction-order differences from flipping samples, which the random model's do not."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from dgemma_hf.default_model import default_model_path
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    placement = {"tp_plan": "auto"} if mesh is not None else {"device_map": {"": device}}
+    model = AutoModel.from_pretrained(path, dtype=torch.float32, **placement)
+    conversations = [[{"role": "user", "content": prompt}] for prompt in TRAINED_PROMPTS]
+    batch = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, padding=True,
+                                          return_tensors="pt", return_dict=True).to(device)
+    assert not batch["attention_mask"].all(), "the batch must exercise left padding"
+    kwargs = dict(attention_mask=batch["attention_mask"], max_new_tokens=2 * model.config.canvas_length)
+    torch.manual_seed(0)
+    reference = model.generate(batch["input_ids"], sampling="reference", **kwargs).sequences
+    fused = model.generate(batch["input_ids"], sampling="fused", seed=0, **kwargs).sequences
+    length = batch["input_ids"].shape[1]
+    answers = tokenizer.batch_decode(reference[:, length:], skip_special_tokens=True)
+    del model
+    return {"reference": reference[:, length:], "fused": fused[:, length:], "answers": answers}
+
+
 def speed_case(model, batch: int, args, device, group) -> tuple[dict, torch.Tensor]:
     config = model.config
     input_ids, _ = prompts(config, batch, args.prompt, device, pad=False)
@@ -288,6 +323,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--check-layers", type=int, default=4, help="layers of the float32 correctness model (0: skip)")
+    parser.add_argument("--check-trained", action=argparse.BooleanOptionalAction, default=True,
+                        help="also compare one GPU and N on dgemma_hf's shipped trained model (float32)")
     parser.add_argument("--no-reference", action="store_true", help="skip the one-GPU speed runs")
     parser.add_argument("--profile", action="store_true", help="rank 0 prints the kernels of one captured step")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (smoke run, CPU/gloo works)")
@@ -351,6 +388,24 @@ def main(argv=None) -> int:
             result["logits_max_abs"] = one["logits"].abs().max().item()
         report["correctness"] = result
         emit("correctness", result)
+
+    # 1b. the same comparison on the shipped trained model, loaded with tp_plan="auto".
+    if args.check_trained:
+        one = trained_outputs(device) if rank == 0 else None
+        free()
+        dist.barrier()
+        split = trained_outputs(device, mesh)
+        free()
+        result = {}
+        for mode in ("reference", "fused"):
+            result[f"{mode}_ranks_identical"] = ranks_agree(split[mode], group)
+            if rank == 0:
+                result[f"{mode}_identical_to_one_gpu"] = torch.equal(split[mode], one[mode])
+                result[f"{mode}_token_agreement"] = (split[mode] == one[mode]).float().mean().item()
+        if rank == 0:
+            result["answers_one_gpu"], result["answers_split"] = one["answers"], split["answers"]
+        report["correctness_trained"] = result
+        emit("correctness_trained", result)
 
     # 2. speed: the protocol's shapes, one GPU then N.
     nvfp4 = args.experts == "nvfp4"
