@@ -92,6 +92,11 @@ def layer_output(residual, dense, experts_output, post_feedforward_norm_2, post_
     return hidden_states
 
 
+def logit_softcap(logits, cap):
+    """Upstream's final logit softcap, from the LM head's output to fp32 logits (compiled: one pass, not four)."""
+    return torch.tanh(logits.to(torch.float32) / cap) * cap
+
+
 def full_sliding_window(cache_layer) -> bool:
     """A static sliding-window cache layer holding a whole window (its buffer: the last `window` tokens, in order)."""
     return (isinstance(cache_layer, StaticSlidingWindowLayer)
@@ -148,7 +153,8 @@ def _padded_buffers(cache_layer, extra: int) -> tuple[torch.Tensor, torch.Tensor
     return cache_layer._dgemma_padded
 
 
-def _region(function, device: torch.device):
+def compiled_region(function, device: torch.device):
+    """`function` compiled by torch.compile once per process on CUDA (static shapes), itself elsewhere."""
     if device.type != "cuda":
         return function
     if function not in _COMPILED:
@@ -252,7 +258,7 @@ def fused_forward(layer, projections, hidden_states, position_embeddings, attent
     device, eps = hidden_states.device, layer.config.rms_norm_eps
     attn, router = layer.self_attn, layer.router
     cos, sin = position_embeddings
-    query, key, value = _region(attention_inputs, device)(
+    query, key, value = compiled_region(attention_inputs, device)(
         hidden_states, layer.input_layernorm.weight, projections["q_proj"], projections["k_proj"],
         projections.get("v_proj"), attn.q_norm.weight, attn.k_norm.weight, cos, sin, eps, attn.head_dim,
     )
@@ -273,12 +279,12 @@ def fused_forward(layer, projections, hidden_states, position_embeddings, attent
         "pre_feedforward_norm_2": layer.pre_feedforward_layernorm_2.weight, "router_scale": router.scale,
         "router_proj": projections["router_proj"], "per_expert_scale": router.per_expert_scale,
     }
-    residual, dense, experts_input, top_k_weights, top_k_index = _region(feed_forward, device)(
+    residual, dense, experts_input, top_k_weights, top_k_index = compiled_region(feed_forward, device)(
         attn_output, hidden_states, weights, eps, router.scalar_root_size, router.config.top_k_experts,
         projections["group"],
     )
     experts_output = layer.experts(experts_input, top_k_index, top_k_weights)
-    return _region(layer_output, device)(
+    return compiled_region(layer_output, device)(
         residual, dense, experts_output, layer.post_feedforward_layernorm_2.weight,
         layer.post_feedforward_layernorm.weight, layer.layer_scalar, eps,
     )

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaBlockDiffusionOutputWithPast
 
+from .fused_layers import logit_softcap
 from .generation.checks import check_canvas_tensor
 
 IGNORE_INDEX = -100
@@ -199,11 +200,9 @@ def corrupt_canvas(
 def canvas_logits(model, hidden_states: torch.Tensor) -> torch.Tensor:
     """The LM head with the final logit softcap, in fp32: how upstream's forward turns hidden states into logits."""
     model = _unwrap(model)
-    logits = model.lm_head(hidden_states).to(torch.float32)
+    logits = model.lm_head(hidden_states)
     cap = model.config.text_config.final_logit_softcapping
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return logits.to(torch.float32) if cap is None else logit_softcap(logits, cap)
 
 
 def check_no_training_arguments(**arguments) -> None:

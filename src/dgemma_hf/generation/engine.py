@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, StaticCache
 
-from ..fused_layers import full_sliding_window
+from ..fused_layers import compiled_region, full_sliding_window, logit_softcap
 from ..schedulers import DiffusersSchedulerAdapter, TextDiffusionScheduler
 from .logits_processing import LogitsProcessing, LogitsSettings
 from .stopping import stable_and_confident
@@ -179,7 +179,11 @@ class DenoisingEngine:
         )
         if self.sampling == "reference":
             kwargs["self_conditioning_logits"] = self.sc_logits
-        return self.model(**kwargs).logits
+            return self.model(**kwargs).logits
+        # Upstream's forward, with its LM head and logit softcap (four passes over the logits) in one region.
+        hidden = self.model.model(**kwargs).last_hidden_state
+        logits = self.model.lm_head(hidden)
+        return compiled_region(logit_softcap, logits.device)(logits, self.model.final_logit_softcapping)
 
     def _soft_embedding(self, logits: torch.Tensor, inv_temperature, log_norm) -> torch.Tensor:
         """softmax(logits * inv_temperature) @ embedding * embed_scale, rebuilt chunk by chunk from the
