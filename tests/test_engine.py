@@ -270,6 +270,69 @@ def test_cuda_graph_replay_computes_the_eager_step(tokenizer):
     assert (argmax_graph == argmax_eager).float().mean().item() > 0.9
 
 
+@pytest.mark.gpu
+def test_captured_commit_replays_the_eager_commit(tokenizer):
+    """An encoder pass is captured the second time its cache state comes (the first runs eagerly): from one
+    cache state, the replay writes the cache as the eager pass does, reads the new canvas (not the captured one)
+    and advances the host-side counters the same way; a reused engine replays its prompt too."""
+    config = variant_config("default")  # window 16 = canvas 16: commits find room, fill and full windows
+    model = build_pair(config, tokenizer, seed=5)[0].to("cuda", torch.bfloat16)
+    input_ids, attention_mask = left_padded_batch(tokenizer, ["Why is the sky blue?", "Tom has 3 apples."])
+    input_ids, attention_mask = input_ids.cuda(), attention_mask.cuda().bool()
+    out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4 * config.canvas_length,
+                         max_denoising_steps=3, seed=9, sampling="fused", eos_token_id=None)
+    engine = model._dgemma_engine
+    assert len(engine._encoder_graphs) >= 1  # commits found room twice (then filled, then full)
+    model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4 * config.canvas_length,
+                   max_denoising_steps=3, seed=9, sampling="fused", eos_token_id=None)
+    assert model._dgemma_engine is engine
+    assert any(key[0] == input_ids.shape[1] for key in engine._encoder_graphs)  # the prompt's pass
+    cache, length = engine.cache, config.canvas_length
+    sequences = out.sequences  # the last canvas is not committed: commit it here
+    cached = sequences.shape[1] - length
+    mask = torch.nn.functional.pad(attention_mask, (0, sequences.shape[1] - attention_mask.shape[1]), value=True)
+    positions = torch.arange(cached, cached + length, device="cuda")[None]
+
+    def snapshot():
+        return [(layer.keys.clone(), layer.values.clone(), layer.cumulative_length.clone(),
+                 getattr(layer, "cumulative_length_int", None)) for layer in cache.layers]
+
+    def restore(state):
+        for layer, (keys, values, tensor_length, int_length) in zip(cache.layers, state):
+            layer.keys.copy_(keys)
+            layer.values.copy_(values)
+            layer.cumulative_length.copy_(tensor_length)
+            if int_length is not None:
+                layer.cumulative_length_int = int_length
+
+    def commit(ids, graphs=True):
+        engine.use_graphs = graphs
+        with torch.no_grad():
+            engine._encode(ids, mask, positions, is_prefill=False)
+        engine.use_graphs = True
+        torch.cuda.synchronize()
+        return snapshot()
+
+    def close(a, b):
+        for (ka, va, ta, ia), (kb, vb, tb, ib) in zip(a, b):
+            assert torch.equal(ta, tb) and ia == ib
+            for x, y in ((ka, kb), (va, vb)):
+                assert ((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-6)).item() < 2e-2
+
+    start = snapshot()
+    first = commit(sequences)  # eager, if this state (all windows full) is new
+    restore(start)
+    close(commit(sequences), first)  # captured and replayed
+    assert len(engine._encoder_graphs) >= 2
+    other = sequences.clone()
+    other[:, -length:] = torch.randint(3, config.text_config.vocab_size, (2, length), device="cuda")
+    restore(start)
+    replayed = commit(other)
+    restore(start)
+    close(replayed, commit(other, graphs=False))
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(replayed, first))  # the replay read the new canvas
+
+
 def test_sampler_handles_filtered_tokens():
     """-inf logits (top-k / top-p filters), even whole blocks of them, give finite statistics and are never drawn."""
     logits = torch.randn(40, 300, generator=torch.Generator().manual_seed(4)).to(DEVICE)

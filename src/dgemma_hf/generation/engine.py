@@ -11,7 +11,7 @@ canvas is stable and confident. Two sampling modes:
 - "fused": one Triton pass over the logits per step (`dgemma_hf.kernels.sampler`) with a counter-based
   generator, a static cache, the self-conditioning state kept as the [batch, canvas, hidden] soft embedding,
   all per-step state in preallocated device buffers, and on CUDA each step captured once as a CUDA graph and
-  replayed. With adaptive stopping the host reads the finished flags two steps behind, so the GPU queue never
+  replayed; so are the canvas commits and, when the engine is reused, a short prompt's pass (see `_encode`). With adaptive stopping the host reads the finished flags two steps behind, so the GPU queue never
   drains inside a canvas; without it, nothing is read back until the canvas ends. The default on CUDA.
 
 The engine knows the order of calls; the arithmetic is upstream's modules, our kernels and the scheduler's.
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import StaticSlidingWindowLayer
 
 from ..fused_layers import compiled_region, full_sliding_window, logit_softcap
 from ..schedulers import DiffusersSchedulerAdapter, TextDiffusionScheduler
@@ -34,6 +35,8 @@ from .stopping import stable_and_confident
 
 SAMPLING_MODES = ("auto", "reference", "fused")
 _SOFT_CHUNK = 16384  # vocabulary columns per chunk when rebuilding softmax for the soft embedding
+_CAPTURED_PROMPT_TOKENS = 4096  # longest prompt (tokens, all rows) whose encoder pass is captured: its graph
+# keeps the pass's activations; past this the GPU's work outweighs the host's launches anyway
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,8 @@ class DenoisingEngine:
         self.seed_values = seeds
         self.mask_mapping = None
         self.cache = None
+        # Encoder passes run once, and captured (graph, static inputs, cache memory), by `_pass_key`.
+        self._warm_passes, self._encoder_graphs = set(), {}
 
     # -- cache ------------------------------------------------------------------------------------------
 
@@ -194,9 +199,10 @@ class DenoisingEngine:
         weight, start = (embed.weight, 0) if shard is None else (shard.weight, shard.start)
         rows = logits.view(-1, logits.shape[-1])[:, start : start + weight.shape[0]]
         soft = torch.zeros(rows.shape[0], weight.shape[1], dtype=torch.float32, device=rows.device)
+        add_chunk = compiled_region(add_soft_embedding_chunk, rows.device)
         for begin in range(0, weight.shape[0], _SOFT_CHUNK):
-            probs = torch.exp(rows[:, begin : begin + _SOFT_CHUNK] * inv_temperature - log_norm[:, None])
-            soft += torch.mm(probs.to(weight.dtype), weight[begin : begin + _SOFT_CHUNK]).float()
+            end = begin + _SOFT_CHUNK
+            soft = add_chunk(soft, rows[:, begin:end], inv_temperature, log_norm, weight[begin:end])
         if shard is not None:
             torch.distributed.all_reduce(soft, group=shard.group)
         soft = soft.to(weight.dtype) * embed.embed_scale.to(weight.dtype)
@@ -366,15 +372,83 @@ class DenoisingEngine:
 
     def _encode(self, input_ids, attention_mask, position_ids, is_prefill, prompt_kwargs=None) -> None:
         """One encoder pass writing the new tokens (all of input_ids when prefilling, else the last canvas) to the
-        cache; attention_mask covers the cache and the new tokens."""
+        cache; attention_mask covers the cache and the new tokens.
+
+        With CUDA graphs a pass is captured the second time its shapes and cache state come (`_pass_key`; the
+        first run, eager, is the warm-up) and replayed from then on: a canvas commit, or a text prompt of up to
+        `_CAPTURED_PROMPT_TOKENS` tokens in all when the engine is reused. Eagerly, the host launches the
+        layers' kernels slower than the GPU runs them."""
         model = self.model
         unprocessed, encoder_masks = model._prepare_encoder_inputs(
             input_ids=input_ids, attention_mask=attention_mask, encoder_position_ids=position_ids,
             past_key_values=self.cache, is_prefill=is_prefill, canvas_length=self.canvas_length,
             batch_size=self.batch_size,
         )
-        model.model.encoder(input_ids=unprocessed, attention_mask=encoder_masks, past_key_values=self.cache,
-                            position_ids=position_ids, **(prompt_kwargs or {}))
+        inputs = dict(input_ids=unprocessed, attention_mask=encoder_masks, position_ids=position_ids)
+        if not self.use_graphs or prompt_kwargs or (is_prefill and unprocessed.numel() > _CAPTURED_PROMPT_TOKENS):
+            self._encoder_pass(inputs, prompt_kwargs)
+            return
+        key, memory = self._pass_key(encoder_masks, unprocessed.shape[1]), self._cache_memory()
+        if self._encoder_graphs.get(key, (None, None, memory))[2] != memory:
+            del self._encoder_graphs[key]  # the cache's buffers were made anew: the graph reads freed memory
+        if key not in self._encoder_graphs:
+            if key not in self._warm_passes:
+                self._warm_passes.add(key)
+                self._encoder_pass(inputs)
+                return
+            self._encoder_graphs[key] = (*self._capture_pass(inputs), memory)
+        graph, static, _ = self._encoder_graphs[key]
+        for name, value in _tensors(inputs):
+            static[name].copy_(value)
+        graph.replay()
+        for layer in self._sliding_layers():  # the one host-side state of the cache the replay cannot advance
+            layer.cumulative_length_int += unprocessed.shape[1]
+
+    def _encoder_pass(self, inputs, prompt_kwargs=None) -> None:
+        self.model.model.encoder(**inputs, past_key_values=self.cache, **(prompt_kwargs or {}))
+
+    def _sliding_layers(self) -> list:
+        return [layer for layer in self.cache.layers if isinstance(layer, StaticSlidingWindowLayer)]
+
+    def _cache_memory(self) -> tuple:
+        """Where the cache's buffers are (a captured pass reads and writes there); None for a layer not allocated
+        yet. The decoder's first step moves them once (DecoderAttention's padded buffers)."""
+        return tuple(None if layer.keys is None else (layer.keys.data_ptr(), layer.values.data_ptr())
+                     for layer in self.cache.layers)
+
+    def _pass_key(self, masks, new_tokens: int) -> tuple:
+        """The shapes and cache state a captured encoder pass is recorded for: the new tokens' and the masks'
+        shapes, and the branch transformers' StaticSlidingWindowLayer.update takes for each sliding layer
+        (decided on the host by its `cumulative_length_int`: room for the new tokens, filling up from a given
+        length, or full)."""
+        shapes = tuple((k, None if m is None else tuple(m.shape)) for k, m in sorted(masks.items()))
+        branches = []
+        for layer in self._sliding_layers():
+            length = layer.cumulative_length_int
+            if length >= layer.max_cache_len:
+                branches.append("full")
+            elif length + new_tokens > layer.max_cache_len:
+                branches.append(("fills", length))
+            else:
+                branches.append("room")
+        return new_tokens, shapes, tuple(branches)
+
+    def _capture_pass(self, inputs):
+        """Captures an encoder pass into a graph reading static copies of its inputs. Capturing records the
+        kernels without running them; the sliding layers' host counters it advances are set back."""
+        static = {name: value.clone() for name, value in _tensors(inputs)}
+        captured_inputs = {name: static.get(name, value) for name, value in inputs.items()}
+        captured_inputs["attention_mask"] = {
+            kind: static.get(f"attention_mask.{kind}", mask) for kind, mask in inputs["attention_mask"].items()
+        }
+        counters = [layer.cumulative_length_int for layer in self._sliding_layers()]
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._encoder_pass(captured_inputs)
+        for layer, counter in zip(self._sliding_layers(), counters):
+            layer.cumulative_length_int = counter
+        return graph, static
 
     def _encode_prompt(self, input_ids, attention_mask, position_ids, prompt_kwargs) -> None:
         """The prompt's encoder pass; with `prefill_chunk_size`, a text prompt goes in chunks, each attending to the
@@ -488,6 +562,23 @@ class DenoisingEngine:
             input_ids, self.forward_passes, initial_length, settings.pad_token_id
         )
         return input_ids, tokens_per_forward, self.cache
+
+
+def add_soft_embedding_chunk(soft, logits, inv_temperature, log_norm, weight) -> torch.Tensor:
+    """soft + softmax(logits * inv_temperature) @ weight for one chunk of the vocabulary, the softmax rebuilt
+    from its log-normaliser (compiled on CUDA per chunk: the exp and the cast in one pass, one chunk of
+    probabilities at a time)."""
+    probs = torch.exp(logits * inv_temperature - log_norm[:, None])
+    return soft + torch.mm(probs.to(weight.dtype), weight).float()
+
+
+def _tensors(inputs: dict):
+    """(name, tensor) of an encoder pass's inputs, the attention masks' as "attention_mask.<layer type>"."""
+    for name, value in inputs.items():
+        if isinstance(value, dict):
+            yield from ((f"{name}.{kind}", mask) for kind, mask in value.items() if mask is not None)
+        elif value is not None:
+            yield name, value
 
 
 def _phase(name: str):
