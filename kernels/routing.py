@@ -138,3 +138,68 @@ def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Routing:
         BLOCK_M=block_m, EXPERTS_BLOCK=experts_block, PAIRS_BLOCK=pairs_block, TILES_BLOCK=_TILES_BLOCK,
     )
     return Routing(sorted_pairs, expert_offsets, tile_expert, tile_start, block_m)
+
+
+@triton.jit
+def _top_k_kernel(
+    probs_ptr, scale_ptr, weights_ptr, index_ptr, tokens, num_experts, stride_token,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, EXPERTS_BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, EXPERTS_BLOCK)
+    row_valid = rows < tokens
+    valid = row_valid[:, None] & (cols[None, :] < num_experts)
+    probs = tl.load(probs_ptr + rows[:, None].to(tl.int64) * stride_token + cols[None, :], mask=valid,
+                    other=-float("inf"))
+    # Two identical selection sweeps: the first sums the chosen probabilities (in choice order), the second
+    # writes them normalised; the k-th choice is the largest remaining probability, the lowest expert among equals.
+    total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    remaining = probs
+    for _ in tl.static_range(TOP_K):
+        best = tl.max(remaining, axis=1)
+        chosen = tl.min(tl.where(remaining == best[:, None], cols[None, :], EXPERTS_BLOCK), axis=1)
+        total += best
+        remaining = tl.where(cols[None, :] == chosen[:, None], -float("inf"), remaining)
+    remaining = probs
+    for k in tl.static_range(TOP_K):
+        best = tl.max(remaining, axis=1)
+        chosen = tl.min(tl.where(remaining == best[:, None], cols[None, :], EXPERTS_BLOCK), axis=1)
+        remaining = tl.where(cols[None, :] == chosen[:, None], -float("inf"), remaining)
+        scale = tl.load(scale_ptr + chosen, mask=row_valid, other=0.0).to(tl.float32)
+        out = rows.to(tl.int64) * TOP_K + k
+        tl.store(weights_ptr + out, best / total * scale, mask=row_valid)
+        tl.store(index_ptr + out, chosen.to(tl.int64), mask=row_valid)
+
+
+def top_k_weights_reference(probs: torch.Tensor, top_k: int, per_expert_scale: torch.Tensor):
+    """Upstream's router after its softmax (DiffusionGemmaTextRouter.forward): the top-k probabilities,
+    renormalised to sum to one, times each chosen expert's scale. Returns (weights fp32, index int64)."""
+    weights, index = torch.topk(probs, k=top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * per_expert_scale[index], index
+
+
+def top_k_weights(probs: torch.Tensor, top_k: int, per_expert_scale: torch.Tensor):
+    """`top_k_weights_reference` in one launch (torch.topk sorts every row: two kernels and most of the
+    router's time). probs [tokens, experts] fp32 contiguous rows (a softmax, so finite), per_expert_scale
+    [experts]. Among equal probabilities the lower expert comes first; the sum of the chosen ones is taken in
+    choice order, so weights may differ from the reference in the last bit."""
+    if probs.ndim != 2 or probs.dtype != torch.float32 or probs.stride(1) != 1:
+        raise ValueError(f"probs must be a 2D float32 tensor with contiguous rows, got {probs.dtype} "
+                         f"{tuple(probs.shape)} strides {tuple(probs.stride())}")
+    tokens, experts = probs.shape
+    top_k = _int_arg("top_k", top_k)
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"top_k must be in [1, {experts}] (the experts), got {top_k}")
+    if per_expert_scale.shape != (experts,):
+        raise ValueError(f"per_expert_scale must have shape ({experts},), got {tuple(per_expert_scale.shape)}")
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=probs.device)
+    index = torch.empty(tokens, top_k, dtype=torch.int64, device=probs.device)
+    if tokens:
+        experts_block = max(triton.next_power_of_2(experts), 16)
+        block_t = max(1, min(16, 4096 // experts_block))
+        _top_k_kernel[(triton.cdiv(tokens, block_t),)](
+            probs, per_expert_scale, weights, index, tokens, experts, probs.stride(0),
+            TOP_K=top_k, BLOCK_T=block_t, EXPERTS_BLOCK=experts_block,
+        )
+    return weights, index

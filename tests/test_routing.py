@@ -115,3 +115,34 @@ def test_route_checks_its_arguments():
     for block_m in (8, 48, 0, -16):
         with pytest.raises(ValueError, match=f"block_m must be a power of two >= 16, got {block_m}"):
             route(index, 4, block_m)
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(0, 8, 2), (1, 4, 4), (37, 8, 3), (257, 128, 8), (64, 20, 1)])
+def test_top_k_weights_match_upstreams_router(tokens, experts, top_k):
+    """The one-launch top-k (interpreted on CPUs) against upstream's topk / renormalise / scale, on fresh random
+    softmax outputs: the same experts in the same order, weights within the last bits (another sum order)."""
+    generator = torch.Generator().manual_seed(tokens * 1000 + experts)
+    probs = torch.softmax(3 * torch.randn(tokens, experts, generator=generator), dim=-1).to(DEVICE)
+    scale = (0.5 + torch.rand(experts, generator=generator)).to(torch.bfloat16).to(DEVICE)
+    weights, index = routing_module.top_k_weights(probs, top_k, scale)
+    want_weights, want_index = routing_module.top_k_weights_reference(probs, top_k, scale)
+    assert index.dtype == want_index.dtype == torch.int64 and weights.dtype == want_weights.dtype == torch.float32
+    assert torch.equal(index, want_index)
+    torch.testing.assert_close(weights, want_weights, rtol=1e-6, atol=0)
+
+
+def test_top_k_weights_break_ties_toward_the_lower_expert():
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.1, 0.4, 0.1, 0.4]], device=DEVICE)
+    weights, index = routing_module.top_k_weights(probs, 3, torch.ones(4, device=DEVICE))
+    assert index.tolist() == [[0, 1, 2], [1, 3, 0]]
+    torch.testing.assert_close(weights[0], torch.full((3,), 1 / 3, device=DEVICE))
+
+
+def test_top_k_weights_refuse_bad_arguments_by_name():
+    probs = torch.rand(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="top_k"):
+        routing_module.top_k_weights(probs, 9, torch.ones(8, device=DEVICE))
+    with pytest.raises(ValueError, match="probs"):
+        routing_module.top_k_weights(probs.double(), 2, torch.ones(8, device=DEVICE))
+    with pytest.raises(ValueError, match="per_expert_scale"):
+        routing_module.top_k_weights(probs, 2, torch.ones(7, device=DEVICE))

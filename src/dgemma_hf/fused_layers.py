@@ -5,7 +5,8 @@ embeddings, routing softmax/top-k, residuals); at batch 1 they cost more than th
 forward here computes upstream's arithmetic op for op, cut into three pure functions of tensors:
 
 1. `attention_inputs`: input norm, q/k/v projections, q/k/v norms, rotary embeddings;
-2. `feed_forward`: o_proj, post-attention norm and residual, dense MLP, router, experts' input norm;
+2. `feed_forward`: o_proj, post-attention norm and residual, dense MLP, router scores, experts' input norm;
+   then `router_top_k` (on CUDA one Triton launch) picks the experts;
 3. `layer_output`: the experts' output norm, the sum with the MLP branch, the last norm, residual, layer scalar.
 
 Attention (with the cache read, through `DecoderAttention`, which fixes upstream's read of a full sliding-window
@@ -35,6 +36,8 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from transformers.cache_utils import StaticSlidingWindowLayer
 from transformers.models.diffusion_gemma import modeling_diffusion_gemma as upstream
 from transformers.utils.output_capturing import _active_collector
+
+from .kernels import routing
 
 _COMPILED: dict = {}
 
@@ -68,9 +71,10 @@ def _row_parallel(x, weight, group):
     return out if group is None else funcol.all_reduce(out, "sum", group)
 
 
-def feed_forward(attn_output, residual, weights, eps, scalar_root, top_k, group=None):
+def feed_forward(attn_output, residual, weights, eps, scalar_root, group=None):
     """o_proj, post-attention norm and residual, the dense MLP (GELU-tanh), the experts' input norm and
-    upstream's DiffusionGemmaTextRouter.forward. `group`: the ranks a tensor-parallel layer is split over."""
+    upstream's DiffusionGemmaTextRouter.forward up to its softmax (`router_top_k` does the rest). `group`: the
+    ranks a tensor-parallel layer is split over."""
     hidden_states = _row_parallel(attn_output.reshape(*residual.shape[:-1], -1), weights["o_proj"], group)
     residual = residual + rms_norm(hidden_states, weights["post_attention_norm"], eps)
     x = rms_norm(residual, weights["pre_feedforward_norm"], eps)
@@ -79,10 +83,15 @@ def feed_forward(attn_output, residual, weights, eps, scalar_root, top_k, group=
     flat = residual.reshape(-1, residual.shape[-1])
     experts_input = rms_norm(flat, weights["pre_feedforward_norm_2"], eps)
     scores = F.linear(rms_norm(flat, None, eps) * weights["router_scale"] * scalar_root, weights["router_proj"])
-    top_k_weights, top_k_index = torch.topk(F.softmax(scores, dim=-1, dtype=torch.float32), k=top_k, dim=-1)
-    top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
-    top_k_weights = top_k_weights * weights["per_expert_scale"][top_k_index]
-    return residual, dense, experts_input, top_k_weights, top_k_index
+    return residual, dense, experts_input, F.softmax(scores, dim=-1, dtype=torch.float32)
+
+
+def router_top_k(probs, top_k, per_expert_scale):
+    """The rest of upstream's router: top-k experts, renormalised weights times the experts' scales; on CUDA one
+    Triton launch (torch.topk sorts: two kernels, most of the router's time), elsewhere upstream's ops."""
+    if probs.is_cuda:
+        return routing.top_k_weights(probs, top_k, per_expert_scale)
+    return routing.top_k_weights_reference(probs, top_k, per_expert_scale)
 
 
 def layer_output(residual, dense, experts_output, post_feedforward_norm_2, post_feedforward_norm, layer_scalar, eps):
@@ -277,12 +286,12 @@ def fused_forward(layer, projections, hidden_states, position_embeddings, attent
         "up_proj": projections["up_proj"], "down_proj": projections["down_proj"],
         "post_feedforward_norm_1": layer.post_feedforward_layernorm_1.weight,
         "pre_feedforward_norm_2": layer.pre_feedforward_layernorm_2.weight, "router_scale": router.scale,
-        "router_proj": projections["router_proj"], "per_expert_scale": router.per_expert_scale,
+        "router_proj": projections["router_proj"],
     }
-    residual, dense, experts_input, top_k_weights, top_k_index = compiled_region(feed_forward, device)(
-        attn_output, hidden_states, weights, eps, router.scalar_root_size, router.config.top_k_experts,
-        projections["group"],
+    residual, dense, experts_input, probs = compiled_region(feed_forward, device)(
+        attn_output, hidden_states, weights, eps, router.scalar_root_size, projections["group"],
     )
+    top_k_weights, top_k_index = router_top_k(probs, router.config.top_k_experts, router.per_expert_scale)
     experts_output = layer.experts(experts_input, top_k_index, top_k_weights)
     return compiled_region(layer_output, device)(
         residual, dense, experts_output, layer.post_feedforward_layernorm_2.weight,
