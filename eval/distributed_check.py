@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .speed import SMALL_VISION, TEXT_CONFIG  # the 26B-A4B shapes, as the one-GPU benchmark builds them
+from .speed import SMALL_VISION, TEXT_CONFIG, profile_call  # the 26B-A4B shapes, as the one-GPU benchmark
 
 
 def model_config(layers: int, tiny: bool):
@@ -249,6 +249,9 @@ def speed_case(model, batch: int, args, device, group) -> tuple[dict, torch.Tens
     new_tokens = out.sequences.shape[1] - args.prompt
     row = {"batch": batch, "tok_per_s": batch * new_tokens / seconds, "seconds": seconds,
            "ms_per_step": seconds / steps * 1e3, "first_call_s": first_s}
+    if args.profile and device.type == "cuda":  # every rank runs it (collectives); rank 0 shows it
+        row["call_profile"] = profile_call(lambda: model.generate(input_ids, **kwargs),
+                                           show=group is None or dist.get_rank() == 0)
     graph_ms = captured_step_ms(model, device)
     if graph_ms is not None:
         row["graph_step_ms"] = graph_ms
@@ -326,7 +329,8 @@ def main(argv=None) -> int:
     parser.add_argument("--check-trained", action=argparse.BooleanOptionalAction, default=True,
                         help="also compare one GPU and N on dgemma_hf's shipped trained model (float32)")
     parser.add_argument("--no-reference", action="store_true", help="skip the one-GPU speed runs")
-    parser.add_argument("--profile", action="store_true", help="rank 0 prints the kernels of one captured step")
+    parser.add_argument("--profile", action="store_true", help="rank 0 prints one generate() call by engine phase "
+                        "(eval.speed's profile) and the kernels of one captured step")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (smoke run, CPU/gloo works)")
     parser.add_argument("--out", type=Path, default=Path("results/distributed_check.json"))
     args = parser.parse_args(argv)

@@ -189,7 +189,7 @@ def profile_step(model) -> dict:
             "kernel_ms_per_step": sum(e.device_time_total for e in kernels) / 1e3}
 
 
-def profile_call(run) -> dict:
+def profile_call(run, show: bool = True) -> dict:
     """Profiles one whole generate() call: per phase of the engine (its `dgemma_hf.*` ranges: prefill, commit,
     canvas_start, denoise, canvas_end) the host milliseconds, the GPU milliseconds of the kernels launched from it
     and its heaviest kernels; the call's wall time and the time the GPU was busy. The profiler slows the host
@@ -223,7 +223,8 @@ def profile_call(run) -> dict:
         busy_us += max(0.0, stop - max(start, end))
         end = max(end, stop)
     summary = {"profiled_wall_ms": wall_s * 1e3, "gpu_busy_ms": busy_us / 1e3, "phases": phases}
-    print(json.dumps(summary, indent=1), flush=True)
+    if show:
+        print(json.dumps(summary, indent=1), flush=True)
     return summary
 
 
