@@ -41,6 +41,7 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # before any NCCL communicator e
 import argparse
 import gc
 import json
+import statistics
 import time
 import zlib
 from datetime import timedelta
@@ -244,7 +245,7 @@ def speed_case(model, batch: int, args, device, group) -> tuple[dict, torch.Tens
         return time.perf_counter() - start, out
 
     first_s, out = timed()
-    seconds = sorted(timed()[0] for _ in range(args.repeats))[args.repeats // 2]
+    seconds = statistics.median(timed()[0] for _ in range(args.repeats))
     steps = -(-args.new_tokens // config.canvas_length) * args.steps
     new_tokens = out.sequences.shape[1] - args.prompt
     row = {"batch": batch, "tok_per_s": batch * new_tokens / seconds, "seconds": seconds,
