@@ -164,6 +164,25 @@ def test_recording_router_logits_takes_upstreams_forward(tokenizer, region_calls
 
 
 @pytest.mark.gpu
+def test_a_region_compiles_past_dynamos_default_limit_and_leaves_it_as_it_was():
+    """A process serving several batch sizes and models needs more than dynamo's 8 graphs per function: a region
+    keeps compiling (not falling back to eager) up to its own limit, and the global limit is untouched."""
+    from torch._dynamo.utils import counters
+
+    def double_plus_one(x):
+        return x * 2 + 1
+
+    limit = torch._dynamo.config.recompile_limit
+    region = fused_layers.compiled_region(double_plus_one, torch.device("cuda"))
+    counters.clear()
+    for size in range(1, limit + 4):
+        x = torch.arange(size, device="cuda", dtype=torch.float32)
+        assert torch.equal(region(x), x * 2 + 1)
+    assert counters["stats"]["unique_graphs"] == limit + 3
+    assert torch._dynamo.config.recompile_limit == limit
+
+
+@pytest.mark.gpu
 def test_compiled_regions_match_eager_regions_on_cuda(tokenizer):
     """On CUDA the regions are compiled (inductor fuses, so bf16 roundings differ): close to the eager layer,
     and each region compiles once per attention type, not once per layer."""

@@ -15,8 +15,9 @@ StaticCache) and the experts stay outside, on their backends. A layer split over
 after o_proj and the MLP's down_proj inside `feed_forward` (functional collectives, so they are compiled and
 captured with the rest). On CUDA each region is compiled once by
 torch.compile (inductor fuses the elementwise chains); the regions touch no layer index, so
-every layer of one attention type shares one compiled graph (dynamo's recompile limit, 8, allows about four
-batch sizes in one process; past it the regions run eagerly, still correct). Elsewhere the regions run eagerly
+every layer of one attention type shares one compiled graph, and each (batch, dtype, attention type, split)
+gets its own (up to `_RECOMPILE_LIMIT` per region; past it a region runs eagerly, still correct, slower).
+Elsewhere the regions run eagerly
 (tests check them bit for bit against upstream's layers). The encoder's layers use them for the canvas commits
 only (`FusedEncoderLayer`). Training, gradients, and layers the regions do not
 cover take upstream's forward: biases, wrapped or quantized projections (LoRA, bitsandbytes), hooks on
@@ -40,6 +41,7 @@ from transformers.utils.output_capturing import _active_collector
 from .kernels import routing
 
 _COMPILED: dict = {}
+_RECOMPILE_LIMIT = 64
 
 
 def rms_norm(x, weight, eps):
@@ -167,9 +169,21 @@ def compiled_region(function, device: torch.device):
     if device.type != "cuda":
         return function
     if function not in _COMPILED:
-        # Shapes are fixed per (batch, canvas, attention type): static shapes. Past dynamo's recompile limit
-        # (many models or batch sizes in one process) a region runs eagerly, still correct.
-        _COMPILED[function] = torch.compile(function, dynamic=False)
+        compiled = torch.compile(function, dynamic=False)
+
+        def call(*args):
+            # Dynamo's default limit (8 graphs per function) would send a process that runs a few batch sizes or
+            # models (a benchmark, a split model after a one-GPU one) to the eager regions for good. Raised while
+            # a region runs only, so other torch.compile users keep their limit.
+            config = torch._dynamo.config
+            limit = config.recompile_limit
+            config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
+            try:
+                return compiled(*args)
+            finally:
+                config.recompile_limit = limit
+
+        _COMPILED[function] = call
     return _COMPILED[function]
 
 
