@@ -124,8 +124,9 @@ def bench_tokens(tokens: int, ceilings: dict, sweep: bool, generator: torch.Gene
 
     from dgemma_hf.kernels.moe import moe_experts, moe_experts_nvfp4, pick_config
 
-    gate_up = (torch.randn(EXPERTS, 2 * INTERMEDIATE, HIDDEN, device="cuda", generator=generator) / HIDDEN**0.5).bfloat16()
-    down = (torch.randn(EXPERTS, HIDDEN, INTERMEDIATE, device="cuda", generator=generator) / INTERMEDIATE**0.5).bfloat16()
+    gate_up = torch.randn(EXPERTS, 2 * INTERMEDIATE, HIDDEN, device="cuda", generator=generator) / HIDDEN**0.5
+    down = torch.randn(EXPERTS, HIDDEN, INTERMEDIATE, device="cuda", generator=generator) / INTERMEDIATE**0.5
+    gate_up, down = gate_up.bfloat16(), down.bfloat16()
     nvfp4, (dq_gate_up, dq_down) = build_nvfp4(gate_up, down)
     x = torch.randn(tokens, HIDDEN, device="cuda", generator=generator).bfloat16()
     index, weights = random_routing(tokens, generator)
@@ -171,7 +172,9 @@ def bench_tokens(tokens: int, ceilings: dict, sweep: bool, generator: torch.Gene
             ms = timing.get("graph_ms", timing["launch_ms"])
             row = {
                 "case": name, "tokens": tokens, "experts_hit": hit,
-                "config": list(cfg) if cfg else (list(pick_config(pairs, EXPERTS, name.endswith("nvfp4"))) if name.startswith("triton") else None),
+                "config": list(cfg) if cfg else (
+                    list(pick_config(pairs, EXPERTS, name.endswith("nvfp4"))) if name.startswith("triton") else None
+                ),
                 "rel_err_vs_fp32": err, **timing, "floor_ms": floor(bytes_),
                 "bytes_floor_ms": bytes_ / (ceilings["copy_GBps"] * 1e6), "compute_floor_ms": compute_floor_ms,
                 "x_floor": ms / floor(bytes_),
@@ -182,7 +185,8 @@ def bench_tokens(tokens: int, ceilings: dict, sweep: bool, generator: torch.Gene
                 best = row
         if sweep and name.startswith("triton") and best is not None:
             rows.append({**best, "case": name + "_best_swept"})
-            print(f"  best {name} at {tokens} tokens: {best['config']} {best['launch_ms'] * 1e3:.1f} us (plain launches)")
+            print(f"  best {name} at {tokens} tokens: {best['config']} {best['launch_ms'] * 1e3:.1f} us "
+                  "(plain launches)")
     baseline = next(r for r in rows if r["case"] == "grouped_mm_bf16")
     base_ms = baseline.get("graph_ms", baseline["launch_ms"])
     for row in rows:
@@ -217,7 +221,8 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"{report['card']}: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
+    print(f"{report['card']}: copy {ceilings['copy_GBps']:.0f} GB/s, "
+          f"bf16 matmul {ceilings['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
     print(f"{'case':28s} {'tokens':>6s} {'graph us':>9s} {'launch us':>9s} {'floor us':>9s} {'x floor':>7s} "
           f"{'vs gmm':>6s} {'rel err':>8s}  config")
     for r in report["rows"]:

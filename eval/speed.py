@@ -299,13 +299,13 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(report, indent=2))
     print(f"{report['card']}: copy {bandwidth:.0f} GB/s")
     for kind, facts in report["models"].items():
-        print(f"  {kind} experts: text weights {facts['text_weight_GB']:.1f} GB, floor {facts['floor_ms_per_step']:.1f} ms "
-              "per decoder step")
-    print(f"{'engine':26s} {'experts':>7s} {'attention':>16s} {'batch':>5s} {'tok/s':>8s} {'ms/step':>8s} {'first s':>8s} {'peak GB':>8s} "
-          f"{'floor tok/s':>11s}")
+        print(f"  {kind} experts: text weights {facts['text_weight_GB']:.1f} GB, "
+              f"floor {facts['floor_ms_per_step']:.1f} ms per decoder step")
+    print(f"{'engine':26s} {'experts':>7s} {'attention':>16s} {'batch':>5s} {'tok/s':>8s} {'ms/step':>8s} "
+          f"{'first s':>8s} {'peak GB':>8s} {'floor tok/s':>11s}")
     for r in report["rows"]:
-        print(f"{r['engine']:26s} {r['experts']:>7s} {r['attention']:>16s} {r['batch']:5d} {r['tok_per_s']:8.0f} {r['ms_per_step']:8.1f} "
-              f"{r['first_call_s']:8.1f} {r['peak_gb']:8.1f} {r['floor_tok_per_s']:11.0f}")
+        print(f"{r['engine']:26s} {r['experts']:>7s} {r['attention']:>16s} {r['batch']:5d} {r['tok_per_s']:8.0f} "
+              f"{r['ms_per_step']:8.1f} {r['first_call_s']:8.1f} {r['peak_gb']:8.1f} {r['floor_tok_per_s']:11.0f}")
     return 0
 
 

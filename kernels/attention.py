@@ -256,8 +256,9 @@ def flash_attention(
     scaling: multiplies q . k (default 1 / sqrt(D)). causal: query i (absolute position i + q_offset) sees keys
     j <= i + q_offset; sliding_window (with causal only) also drops keys j <= i + q_offset - sliding_window.
     out: optional [B, Hq, Lq, D] tensor of q's dtype with unit last-dim stride (e.g. a transposed view of a
-    [B, Lq, Hq, D] buffer), written in full; it must not overlap q, k, v or mask. config: (BLOCK_M, BLOCK_N, DV_SPLIT, num_warps, num_stages)
-    overrides the tuned table; bound_by_mask=False skips the mask scan (for benchmarks).
+    [B, Lq, Hq, D] buffer), written in full; it must not overlap q, k, v or mask. config: (BLOCK_M, BLOCK_N,
+    DV_SPLIT, num_warps, num_stages) overrides the tuned table; bound_by_mask=False skips the mask scan (for
+    benchmarks).
     Pass the same tensor as k and v when K doubles as V: it is then read once.
     """
     _check_qkv("q", q)

@@ -7,7 +7,12 @@ quantizers and `pipeline("text-diffusion")`.
 
 from .checkpoint import CheckpointError
 from .modeling import DiffusionGemmaForMaskedGeneration
-from .pipelines import DiffusionTextStreamer, StreamEvent, TextDiffusionGenerationPipeline, TextDiffusionIteratorStreamer
+from .pipelines import (
+    DiffusionTextStreamer,
+    StreamEvent,
+    TextDiffusionGenerationPipeline,
+    TextDiffusionIteratorStreamer,
+)
 from .quantization import NVFP4Config
 from .registration import register
 

@@ -8,8 +8,8 @@ Pre-quantized (`ModelOptNVFP4Quantizer`, `CompressedTensorsNVFP4Quantizer`), in 
 2. `update_weight_conversions`: adds the converters that stack the per-expert tensors into the buffers
    (kernel byte order for the codes, done once here).
 3. transformers loads; `_process_model_after_weight_loading` checks the global scales' values (naming a bad
-   one) and sets the ModelOpt config the model saves with (DiffusionGemmaForMaskedGeneration.save_pretrained writes the rest)
-   (`export.py`).
+   one) and sets the ModelOpt config the model saves with (DiffusionGemmaForMaskedGeneration.save_pretrained
+   writes the rest) (`export.py`).
 Quantize-on-load (`NVFP4OnLoadQuantizer`, or any of them with a bf16 checkpoint): the dense experts are renamed
 to the packed buffers and quantized by `QuantizeExperts` as they load (one layer's dense experts at a time).
 """
