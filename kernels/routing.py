@@ -141,6 +141,16 @@ def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Routing:
 
 
 @triton.jit
+def _take_largest(rank, probs, taken, cols, EXPERTS_BLOCK: tl.constexpr):
+    # The largest rank among the experts not taken yet, the lowest expert among equals; its probability.
+    candidates = tl.where(taken, -float("inf"), rank)
+    best = tl.max(candidates, axis=1)
+    chosen = tl.min(tl.where((candidates == best[:, None]) & ~taken, cols[None, :], EXPERTS_BLOCK), axis=1)
+    hit = cols[None, :] == chosen[:, None]
+    return chosen, tl.sum(tl.where(hit, probs, 0.0), axis=1), taken | hit
+
+
+@triton.jit
 def _top_k_kernel(
     probs_ptr, scale_ptr, weights_ptr, index_ptr, tokens, num_experts, stride_token,
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, EXPERTS_BLOCK: tl.constexpr,
@@ -149,41 +159,31 @@ def _top_k_kernel(
     cols = tl.arange(0, EXPERTS_BLOCK)
     row_valid = rows < tokens
     valid = row_valid[:, None] & (cols[None, :] < num_experts)
-    probs = tl.load(probs_ptr + rows[:, None].to(tl.int64) * stride_token + cols[None, :], mask=valid,
-                    other=-float("inf"))
+    probs = tl.load(probs_ptr + rows[:, None].to(tl.int64) * stride_token + cols[None, :], mask=valid, other=0.0)
+    rank = tl.where(probs != probs, float("inf"), probs)  # NaN ranks highest, as in torch.topk
     # Two identical selection sweeps: the first sums the chosen probabilities (in choice order), the second
-    # writes them normalised; the k-th choice is the largest remaining probability, the lowest expert among equals.
+    # writes them normalised. Padding columns start out taken.
     total = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    remaining = probs
+    taken = ~valid
     for _ in tl.static_range(TOP_K):
-        best = tl.max(remaining, axis=1)
-        chosen = tl.min(tl.where(remaining == best[:, None], cols[None, :], EXPERTS_BLOCK), axis=1)
-        total += best
-        remaining = tl.where(cols[None, :] == chosen[:, None], -float("inf"), remaining)
-    remaining = probs
+        chosen, value, taken = _take_largest(rank, probs, taken, cols, EXPERTS_BLOCK)
+        total += value
+    taken = ~valid
     for k in tl.static_range(TOP_K):
-        best = tl.max(remaining, axis=1)
-        chosen = tl.min(tl.where(remaining == best[:, None], cols[None, :], EXPERTS_BLOCK), axis=1)
-        remaining = tl.where(cols[None, :] == chosen[:, None], -float("inf"), remaining)
+        chosen, value, taken = _take_largest(rank, probs, taken, cols, EXPERTS_BLOCK)
         scale = tl.load(scale_ptr + chosen, mask=row_valid, other=0.0).to(tl.float32)
         out = rows.to(tl.int64) * TOP_K + k
-        tl.store(weights_ptr + out, best / total * scale, mask=row_valid)
+        tl.store(weights_ptr + out, value / total * scale, mask=row_valid)
         tl.store(index_ptr + out, chosen.to(tl.int64), mask=row_valid)
 
 
-def top_k_weights_reference(probs: torch.Tensor, top_k: int, per_expert_scale: torch.Tensor):
-    """Upstream's router after its softmax (DiffusionGemmaTextRouter.forward): the top-k probabilities,
-    renormalised to sum to one, times each chosen expert's scale. Returns (weights fp32, index int64)."""
-    weights, index = torch.topk(probs, k=top_k, dim=-1)
-    weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights * per_expert_scale[index], index
-
-
 def top_k_weights(probs: torch.Tensor, top_k: int, per_expert_scale: torch.Tensor):
-    """`top_k_weights_reference` in one launch (torch.topk sorts every row: two kernels and most of the
-    router's time). probs [tokens, experts] fp32 contiguous rows (a softmax, so finite), per_expert_scale
-    [experts]. Among equal probabilities the lower expert comes first; the sum of the chosen ones is taken in
-    choice order, so weights may differ from the reference in the last bit."""
+    """Upstream's router after its softmax (DiffusionGemmaTextRouter.forward: torch.topk, renormalise, times
+    each chosen expert's scale) in one launch; torch.topk sorts every row (two kernels, most of the router's
+    time). probs [tokens, experts] fp32 with contiguous rows, per_expert_scale [experts] on the same device.
+    Returns (weights fp32, index int64) [tokens, top_k]. NaN ranks highest, as in torch.topk. Among equal
+    probabilities the lower expert comes first (torch.topk leaves that order unspecified), and the sum of the
+    chosen ones is taken in choice order, so weights may differ from torch's in the last bit."""
     if probs.ndim != 2 or probs.dtype != torch.float32 or probs.stride(1) != 1:
         raise ValueError(f"probs must be a 2D float32 tensor with contiguous rows, got {probs.dtype} "
                          f"{tuple(probs.shape)} strides {tuple(probs.stride())}")
@@ -191,8 +191,10 @@ def top_k_weights(probs: torch.Tensor, top_k: int, per_expert_scale: torch.Tenso
     top_k = _int_arg("top_k", top_k)
     if not 1 <= top_k <= experts:
         raise ValueError(f"top_k must be in [1, {experts}] (the experts), got {top_k}")
-    if per_expert_scale.shape != (experts,):
-        raise ValueError(f"per_expert_scale must have shape ({experts},), got {tuple(per_expert_scale.shape)}")
+    if per_expert_scale.shape != (experts,) or per_expert_scale.device != probs.device:
+        raise ValueError(f"per_expert_scale must have shape ({experts},) on {probs.device}, got "
+                         f"{tuple(per_expert_scale.shape)} on {per_expert_scale.device}")
+    per_expert_scale = per_expert_scale.contiguous()
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=probs.device)
     index = torch.empty(tokens, top_k, dtype=torch.int64, device=probs.device)
     if tokens:

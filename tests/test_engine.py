@@ -282,11 +282,13 @@ def test_captured_commit_replays_the_eager_commit(tokenizer):
     out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4 * config.canvas_length,
                          max_denoising_steps=3, seed=9, sampling="fused", eos_token_id=None)
     engine = model._dgemma_engine
-    assert len(engine._encoder_graphs) >= 1  # commits found room twice (then filled, then full)
-    model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4 * config.canvas_length,
-                   max_denoising_steps=3, seed=9, sampling="fused", eos_token_id=None)
+    assert len(engine._encoder_graphs) >= 1  # the commits into full windows, from the second on
+    again = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4 * config.canvas_length,
+                           max_denoising_steps=3, seed=9, sampling="fused", eos_token_id=None)
     assert model._dgemma_engine is engine
     assert any(key[0] == input_ids.shape[1] for key in engine._encoder_graphs)  # the prompt's pass
+    # Every pass of this call was replayed: the same generation (bf16 graph kernels may flip a rare token).
+    assert (again.sequences == out.sequences).float().mean().item() > 0.9
     cache, length = engine.cache, config.canvas_length
     sequences = out.sequences  # the last canvas is not committed: commit it here
     cached = sequences.shape[1] - length
@@ -320,17 +322,17 @@ def test_captured_commit_replays_the_eager_commit(tokenizer):
                 assert ((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-6)).item() < 2e-2
 
     start = snapshot()
-    first = commit(sequences)  # eager, if this state (all windows full) is new
-    restore(start)
-    close(commit(sequences), first)  # captured and replayed
-    assert len(engine._encoder_graphs) >= 2
+    eager = commit(sequences, graphs=False)
+    for _ in range(2):  # eager, captured or replayed as this state has come before; replayed the second time
+        restore(start)
+        close(commit(sequences), eager)
     other = sequences.clone()
     other[:, -length:] = torch.randint(3, config.text_config.vocab_size, (2, length), device="cuda")
     restore(start)
     replayed = commit(other)
     restore(start)
     close(replayed, commit(other, graphs=False))
-    assert any(not torch.equal(a[0], b[0]) for a, b in zip(replayed, first))  # the replay read the new canvas
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(replayed, eager))  # the replay read the new canvas
 
 
 def test_sampler_handles_filtered_tokens():

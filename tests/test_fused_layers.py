@@ -246,6 +246,12 @@ def test_decoder_reads_a_static_cache_in_place_with_upstreams_values(prompts, to
             for now, then in zip((cache.layers[index].keys, cache.layers[index].values), before[index]):
                 assert torch.equal(now[:, :, :start], then[:, :, :start])
     assert in_place >= len(model.model.decoder.layers)  # the global layers at least, both steps
+    # Keys that need gradients take upstream's out-of-place version (backward keeps what it saved).
+    layer = next(i for i, cache_layer in enumerate(cache.layers) if not fused_layers.full_sliding_window(cache_layer))
+    shape = (2, *cache.layers[layer].keys.shape[1:2], canvas_length, cache.layers[layer].keys.shape[-1])
+    key = torch.randn(shape, generator=generator).requires_grad_()
+    got = model.model.decoder.layers[layer].self_attn.append_to_cache(cache, key, key)
+    assert got[0].data_ptr() != cache.layers[layer].keys.data_ptr() and got[0].requires_grad
 
 
 @pytest.mark.parametrize("variant", ["default", "mha_no_k_eq_v"])
@@ -261,13 +267,15 @@ def test_a_full_sliding_window_static_cache_reads_like_a_dynamic_cache(variant, 
         tokenizer, ["The river runs past the old mill, under the stone bridge", "Hi there, how is it going today"])
     length, canvas_length = input_ids.shape[1], config.canvas_length
     assert length > config.text_config.sliding_window
-    canvas = torch.randint(config.text_config.vocab_size, (2, canvas_length), generator=torch.Generator().manual_seed(0))
+    canvas = torch.randint(config.text_config.vocab_size, (2, canvas_length),
+                           generator=torch.Generator().manual_seed(0))
     decoder_mask = torch.nn.functional.pad(attention_mask.bool(), (0, canvas_length), value=True)
 
     def step_logits(cache):
         with torch.no_grad():
             ids, masks = model._prepare_encoder_inputs(
-                input_ids=input_ids, attention_mask=attention_mask.bool(), encoder_position_ids=torch.arange(length)[None],
+                input_ids=input_ids, attention_mask=attention_mask.bool(),
+                encoder_position_ids=torch.arange(length)[None],
                 past_key_values=cache, is_prefill=True, canvas_length=canvas_length, batch_size=2)
             model.model.encoder(input_ids=ids, attention_mask=masks, past_key_values=cache,
                                 position_ids=torch.arange(length)[None])
@@ -298,7 +306,8 @@ def test_encoder_commits_are_fused_and_equal_upstream_exactly(variant, tokenizer
         tokenizer, ["The river runs past the old mill, under the stone bridge", "Tom has 3 apples."])
     length, canvas_length = input_ids.shape[1], config.canvas_length
     assert length != canvas_length
-    canvas = torch.randint(config.text_config.vocab_size, (2, canvas_length), generator=torch.Generator().manual_seed(1))
+    canvas = torch.randint(config.text_config.vocab_size, (2, canvas_length),
+                           generator=torch.Generator().manual_seed(1))
     mask = torch.nn.functional.pad(attention_mask.bool(), (0, canvas_length), value=True)
     states, counts = [], []
     for model in (ours, upstream_model):

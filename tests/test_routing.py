@@ -8,6 +8,7 @@ import torch
 import triton
 
 from dgemma_hf.kernels import routing as routing_module
+from dgemma_hf.fused_layers import upstream_router_top_k
 from dgemma_hf.kernels.routing import route
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,17 +126,24 @@ def test_top_k_weights_match_upstreams_router(tokens, experts, top_k):
     probs = torch.softmax(3 * torch.randn(tokens, experts, generator=generator), dim=-1).to(DEVICE)
     scale = (0.5 + torch.rand(experts, generator=generator)).to(torch.bfloat16).to(DEVICE)
     weights, index = routing_module.top_k_weights(probs, top_k, scale)
-    want_weights, want_index = routing_module.top_k_weights_reference(probs, top_k, scale)
+    want_weights, want_index = upstream_router_top_k(probs, top_k, scale)
     assert index.dtype == want_index.dtype == torch.int64 and weights.dtype == want_weights.dtype == torch.float32
     assert torch.equal(index, want_index)
     torch.testing.assert_close(weights, want_weights, rtol=1e-6, atol=0)
 
 
-def test_top_k_weights_break_ties_toward_the_lower_expert():
-    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.1, 0.4, 0.1, 0.4]], device=DEVICE)
+def test_top_k_weights_break_ties_toward_the_lower_expert_and_rank_nan_first():
+    """Ties (which torch.topk orders as it likes) go to the lower expert, each chosen once, even among -inf; NaN
+    ranks highest and poisons the row's weights, as with torch.topk."""
+    nan, inf = float("nan"), float("inf")
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.1, 0.4, 0.1, 0.4], [-inf, -inf, -inf, 0.5],
+                          [0.2, nan, 0.7, 0.1]], device=DEVICE)
     weights, index = routing_module.top_k_weights(probs, 3, torch.ones(4, device=DEVICE))
-    assert index.tolist() == [[0, 1, 2], [1, 3, 0]]
+    assert index.tolist() == [[0, 1, 2], [1, 3, 0], [3, 0, 1], [1, 2, 0]]
+    assert index[3].tolist() == torch.topk(probs[3].cpu(), 3).indices.tolist()
     torch.testing.assert_close(weights[0], torch.full((3,), 1 / 3, device=DEVICE))
+    assert weights[3].isnan().all()
+    assert upstream_router_top_k(probs[3:], 3, torch.ones(4, device=DEVICE))[0].isnan().all()
 
 
 def test_top_k_weights_refuse_bad_arguments_by_name():
@@ -146,3 +154,5 @@ def test_top_k_weights_refuse_bad_arguments_by_name():
         routing_module.top_k_weights(probs.double(), 2, torch.ones(8, device=DEVICE))
     with pytest.raises(ValueError, match="per_expert_scale"):
         routing_module.top_k_weights(probs, 2, torch.ones(7, device=DEVICE))
+    with pytest.raises(ValueError, match="per_expert_scale"):
+        routing_module.top_k_weights(probs, 2, torch.ones(8, device="meta"))

@@ -38,8 +38,6 @@ from transformers.cache_utils import StaticSlidingWindowLayer
 from transformers.models.diffusion_gemma import modeling_diffusion_gemma as upstream
 from transformers.utils.output_capturing import _active_collector
 
-from .kernels import routing
-
 _COMPILED: dict = {}
 _RECOMPILE_LIMIT = 64
 
@@ -90,10 +88,20 @@ def feed_forward(attn_output, residual, weights, eps, scalar_root, group=None):
 
 def router_top_k(probs, top_k, per_expert_scale):
     """The rest of upstream's router: top-k experts, renormalised weights times the experts' scales; on CUDA one
-    Triton launch (torch.topk sorts: two kernels, most of the router's time), elsewhere upstream's ops."""
+    Triton launch (torch.topk sorts: two kernels, most of the router's time), elsewhere upstream's ops
+    (`upstream_router_top_k`)."""
     if probs.is_cuda:
-        return routing.top_k_weights(probs, top_k, per_expert_scale)
-    return routing.top_k_weights_reference(probs, top_k, per_expert_scale)
+        from .kernels.routing import top_k_weights  # triton only where a GPU runs it
+
+        return top_k_weights(probs, top_k, per_expert_scale)
+    return upstream_router_top_k(probs, top_k, per_expert_scale)
+
+
+def upstream_router_top_k(probs, top_k, per_expert_scale):
+    """Upstream's DiffusionGemmaTextRouter.forward after its softmax: (weights fp32, expert index int64)."""
+    top_k_weights, top_k_index = torch.topk(probs, k=top_k, dim=-1)
+    top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+    return top_k_weights * per_expert_scale[top_k_index], top_k_index
 
 
 def layer_output(residual, dense, experts_output, post_feedforward_norm_2, post_feedforward_norm, layer_scalar, eps):
@@ -133,7 +141,10 @@ class DecoderAttention(upstream.DiffusionGemmaDecoderTextAttention):
     def append_to_cache(self, past_key_values, key_states, value_states):
         cache_layer = past_key_values.layers[self.layer_idx]
         if not full_sliding_window(cache_layer):
-            if not past_key_values.is_compileable:  # a dynamic cache: upstream's concatenation
+            # A dynamic cache, gradients (the in-place write would overwrite what backward saved) or a
+            # torch.compile trace (which the buffers' swap would break): upstream's out-of-place version.
+            if (not past_key_values.is_compileable or key_states.requires_grad or value_states.requires_grad
+                    or torch.compiler.is_compiling()):
                 return super().append_to_cache(past_key_values, key_states, value_states)
             keys, values = _padded_buffers(cache_layer, key_states.shape[-2])
             positions = torch.arange(key_states.shape[-2], device=keys.device) + cache_layer.cumulative_length

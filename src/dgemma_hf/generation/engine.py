@@ -11,8 +11,9 @@ canvas is stable and confident. Two sampling modes:
 - "fused": one Triton pass over the logits per step (`dgemma_hf.kernels.sampler`) with a counter-based
   generator, a static cache, the self-conditioning state kept as the [batch, canvas, hidden] soft embedding,
   all per-step state in preallocated device buffers, and on CUDA each step captured once as a CUDA graph and
-  replayed; so are the canvas commits and, when the engine is reused, a short prompt's pass (see `_encode`). With adaptive stopping the host reads the finished flags two steps behind, so the GPU queue never
-  drains inside a canvas; without it, nothing is read back until the canvas ends. The default on CUDA.
+  replayed; so are the canvas commits and, when the engine is reused, a short prompt's pass (see `_encode`).
+  With adaptive stopping the host reads the finished flags two steps behind, so the GPU queue never drains
+  inside a canvas; without it, nothing is read back until the canvas ends. The default on CUDA.
 
 The engine knows the order of calls; the arithmetic is upstream's modules, our kernels and the scheduler's.
 """
@@ -35,7 +36,7 @@ from .stopping import stable_and_confident
 
 SAMPLING_MODES = ("auto", "reference", "fused")
 _SOFT_CHUNK = 16384  # vocabulary columns per chunk when rebuilding softmax for the soft embedding
-_CAPTURED_PROMPT_TOKENS = 4096  # longest prompt (tokens, all rows) whose encoder pass is captured: its graph
+_CAPTURED_PROMPT_TOKENS = 4096  # longest prompt pass or chunk (tokens, all rows) that is captured: its graph
 # keeps the pass's activations; past this the GPU's work outweighs the host's launches anyway
 
 
@@ -292,7 +293,8 @@ class DenoisingEngine:
         rows = []
         for seed in self.seed_values:
             generator = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + canvas_index)
-            rows.append(torch.randint(0, self.vocab_size, (self.canvas_length,), device=self.device, generator=generator))
+            rows.append(torch.randint(0, self.vocab_size, (self.canvas_length,), device=self.device,
+                                      generator=generator))
         return torch.stack(rows)
 
     def _denoise_reference(self, decoder_position_ids, streamer) -> None:
@@ -345,8 +347,7 @@ class DenoisingEngine:
         (another cache object, or its buffers made anew) and which sliding-window cache layers are full (the
         fused layers read a full window differently, see fused_layers)."""
         shapes = tuple((k, None if m is None else tuple(m.shape)) for k, m in sorted(self.mask_mapping.items()))
-        memory = tuple((layer.keys.data_ptr(), layer.values.data_ptr()) for layer in self.cache.layers)
-        return shapes, memory, tuple(full_sliding_window(layer) for layer in self.cache.layers)
+        return shapes, self._cache_memory(), tuple(full_sliding_window(layer) for layer in self.cache.layers)
 
     def _ready_graph(self):
         """The captured step, if one exists for masks of these shapes: the canvas's masks are copied into the
@@ -375,9 +376,11 @@ class DenoisingEngine:
         cache; attention_mask covers the cache and the new tokens.
 
         With CUDA graphs a pass is captured the second time its shapes and cache state come (`_pass_key`; the
-        first run, eager, is the warm-up) and replayed from then on: a canvas commit, or a text prompt of up to
-        `_CAPTURED_PROMPT_TOKENS` tokens in all when the engine is reused. Eagerly, the host launches the
-        layers' kernels slower than the GPU runs them."""
+        first run, eager, is the warm-up) and replayed from then on: a canvas commit, or a text prompt (or
+        prefill chunk) of up to `_CAPTURED_PROMPT_TOKENS` tokens in all, which for a whole prompt means when
+        the engine is reused. Eagerly, the host launches the layers' kernels slower than the GPU runs them. A
+        cache whose buffers are not allocated yet (a fresh StaticCache) takes the eager pass, which allocates
+        them."""
         model = self.model
         unprocessed, encoder_masks = model._prepare_encoder_inputs(
             input_ids=input_ids, attention_mask=attention_mask, encoder_position_ids=position_ids,
@@ -385,10 +388,12 @@ class DenoisingEngine:
             batch_size=self.batch_size,
         )
         inputs = dict(input_ids=unprocessed, attention_mask=encoder_masks, position_ids=position_ids)
-        if not self.use_graphs or prompt_kwargs or (is_prefill and unprocessed.numel() > _CAPTURED_PROMPT_TOKENS):
+        memory = self._cache_memory() if self.use_graphs else None
+        if (not self.use_graphs or prompt_kwargs or None in memory
+                or (is_prefill and unprocessed.numel() > _CAPTURED_PROMPT_TOKENS)):
             self._encoder_pass(inputs, prompt_kwargs)
             return
-        key, memory = self._pass_key(encoder_masks, unprocessed.shape[1]), self._cache_memory()
+        key = self._pass_key(encoder_masks, unprocessed.shape[1])
         if self._encoder_graphs.get(key, (None, None, memory))[2] != memory:
             del self._encoder_graphs[key]  # the cache's buffers were made anew: the graph reads freed memory
         if key not in self._encoder_graphs:
@@ -411,10 +416,14 @@ class DenoisingEngine:
         return [layer for layer in self.cache.layers if isinstance(layer, StaticSlidingWindowLayer)]
 
     def _cache_memory(self) -> tuple:
-        """Where the cache's buffers are (a captured pass reads and writes there); None for a layer not allocated
-        yet. The decoder's first step moves them once (DecoderAttention's padded buffers)."""
-        return tuple(None if layer.keys is None else (layer.keys.data_ptr(), layer.values.data_ptr())
-                     for layer in self.cache.layers)
+        """Where the cache's tensors are (a captured pass or step reads and writes there: keys, values and the
+        device-side length); None for a layer not allocated yet. The decoder's first step moves the keys and
+        values once (DecoderAttention's padded buffers)."""
+        return tuple(
+            None if layer.keys is None
+            else (layer.keys.data_ptr(), layer.values.data_ptr(), layer.cumulative_length.data_ptr())
+            for layer in self.cache.layers
+        )
 
     def _pass_key(self, masks, new_tokens: int) -> tuple:
         """The shapes and cache state a captured encoder pass is recorded for: the new tokens' and the masks'
@@ -444,10 +453,12 @@ class DenoisingEngine:
         counters = [layer.cumulative_length_int for layer in self._sliding_layers()]
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._encoder_pass(captured_inputs)
-        for layer, counter in zip(self._sliding_layers(), counters):
-            layer.cumulative_length_int = counter
+        try:
+            with torch.cuda.graph(graph):
+                self._encoder_pass(captured_inputs)
+        finally:
+            for layer, counter in zip(self._sliding_layers(), counters):
+                layer.cumulative_length_int = counter
         return graph, static
 
     def _encode_prompt(self, input_ids, attention_mask, position_ids, prompt_kwargs) -> None:
