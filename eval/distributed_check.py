@@ -169,6 +169,18 @@ def token_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a[:, :common] == b[:, :common]).float().sum().item() / (a.shape[0] * length)
 
 
+def compare_modes(split: dict, one: dict | None, group) -> dict:
+    """For each sampling mode: whether the ranks agree and (rank 0, which holds `one`) whether the split model's
+    sequences equal one GPU's, and their token agreement."""
+    result = {}
+    for mode in ("reference", "fused"):
+        result[f"{mode}_ranks_identical"] = ranks_agree(split[mode], group)
+        if one is not None:
+            result[f"{mode}_identical_to_one_gpu"] = torch.equal(split[mode], one[mode])
+            result[f"{mode}_token_agreement"] = token_agreement(split[mode], one[mode])
+    return result
+
+
 def ranks_agree(tensor: torch.Tensor, group) -> bool:
     """Whether every rank holds the same tensor (compared with rank 0's, broadcast)."""
     if group is None:
@@ -389,12 +401,7 @@ def main(argv=None) -> int:
         split = correctness_outputs(model, device, min(args.steps, 8))
         del model
         free()
-        result = {}
-        for mode in ("reference", "fused"):
-            result[f"{mode}_ranks_identical"] = ranks_agree(split[mode], group)
-            if rank == 0:
-                result[f"{mode}_identical_to_one_gpu"] = torch.equal(split[mode], one[mode])
-                result[f"{mode}_token_agreement"] = token_agreement(split[mode], one[mode])
+        result = compare_modes(split, one, group)
         if rank == 0:
             diff = (split["logits"] - one["logits"]).abs().max().item()
             result["logits_max_abs_diff"] = diff
@@ -409,12 +416,7 @@ def main(argv=None) -> int:
         dist.barrier()
         split = trained_outputs(device, mesh)
         free()
-        result = {}
-        for mode in ("reference", "fused"):
-            result[f"{mode}_ranks_identical"] = ranks_agree(split[mode], group)
-            if rank == 0:
-                result[f"{mode}_identical_to_one_gpu"] = torch.equal(split[mode], one[mode])
-                result[f"{mode}_token_agreement"] = token_agreement(split[mode], one[mode])
+        result = compare_modes(split, one, group)
         if rank == 0:
             result["answers_one_gpu"], result["answers_split"] = one["answers"], split["answers"]
         report["correctness_trained"] = result
