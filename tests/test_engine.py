@@ -178,6 +178,34 @@ def test_fused_generate_is_repeatable_and_seeded(tokenizer):
     assert torch.equal(a.sequences[:, : input_ids.shape[1]], input_ids)
 
 
+def test_fused_step_logits_and_soft_embedding_equal_upstreams_math(tokenizer):
+    """The fused engine's own road to a step's logits (decoder, LM head, one-region softcap) gives upstream's
+    forward's logits (bit for bit on the CPU), and its chunked soft embedding equals softmax @ embedding whole."""
+    config = variant_config("default")
+    model, input_ids, attention_mask = _on_device(
+        build_pair(config, tokenizer, seed=2)[0], *left_padded_batch(tokenizer, ["Why is the sky blue?", "Hi"]))
+    model.generate(input_ids, attention_mask=attention_mask, sampling="fused", seed=3, eos_token_id=None,
+                   max_new_tokens=2 * config.canvas_length, max_denoising_steps=2)
+    engine = model._dgemma_engine
+    generator = torch.Generator().manual_seed(4)
+    engine.canvas.copy_(torch.randint(config.text_config.vocab_size, engine.canvas.shape, generator=generator))
+    engine.soft.copy_(torch.randn(engine.soft.shape, generator=generator))
+    with torch.no_grad(), engine.self_conditioning_input():
+        got = engine._decoder_logits(engine.position_ids)
+        want = model(decoder_input_ids=engine.canvas, decoder_attention_mask=engine.mask_mapping,
+                     past_key_values=engine.cache, decoder_position_ids=engine.position_ids).logits
+    if DEVICE == "cpu":
+        assert torch.equal(got, want)
+    else:  # the softcap region is compiled there (inductor's tanh may round differently in the last bit)
+        torch.testing.assert_close(got, want)
+
+    inv_temperature = torch.tensor([0.7], device=DEVICE)
+    log_norm = torch.logsumexp(got * inv_temperature, dim=-1).view(-1)
+    embed = model.model.decoder.embed_tokens
+    whole = torch.softmax(got * inv_temperature, dim=-1) @ embed.weight.float() * embed.embed_scale
+    torch.testing.assert_close(engine._soft_embedding(got, inv_temperature, log_norm), whole.to(embed.weight.dtype))
+
+
 @pytest.mark.parametrize("sampling", ["reference", "fused"])
 def test_rows_that_stop_early_count_fewer_forwards(sampling, tokenizer):
     """A confidence threshold nothing can miss stops every row after one step (stability 0): one decoder pass
