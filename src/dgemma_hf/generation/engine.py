@@ -346,8 +346,8 @@ class DenoisingEngine:
         """What a captured step depends on besides the engine's buffers: the masks' shapes, the cache's memory
         (another cache object, or its buffers made anew) and which sliding-window cache layers are full (the
         fused layers read a full window differently, see fused_layers)."""
-        shapes = tuple((k, None if m is None else tuple(m.shape)) for k, m in sorted(self.mask_mapping.items()))
-        return shapes, self._cache_memory(), tuple(full_sliding_window(layer) for layer in self.cache.layers)
+        return (_mask_shapes(self.mask_mapping), self._cache_memory(),
+                tuple(full_sliding_window(layer) for layer in self.cache.layers))
 
     def _ready_graph(self):
         """The captured step, if one exists for masks of these shapes: the canvas's masks are copied into the
@@ -394,15 +394,14 @@ class DenoisingEngine:
             self._encoder_pass(inputs, prompt_kwargs)
             return
         key = self._pass_key(encoder_masks, unprocessed.shape[1])
-        if self._encoder_graphs.get(key, (None, None, memory))[2] != memory:
-            del self._encoder_graphs[key]  # the cache's buffers were made anew: the graph reads freed memory
-        if key not in self._encoder_graphs:
+        captured = self._encoder_graphs.get(key)
+        if captured is None or captured[2] != memory:  # (a graph of other cache memory would read freed buffers)
             if key not in self._warm_passes:
                 self._warm_passes.add(key)
                 self._encoder_pass(inputs)
                 return
-            self._encoder_graphs[key] = (*self._capture_pass(inputs), memory)
-        graph, static, _ = self._encoder_graphs[key]
+            captured = self._encoder_graphs[key] = (*self._capture_pass(inputs), memory)
+        graph, static, _ = captured
         for name, value in _tensors(inputs):
             static[name].copy_(value)
         graph.replay()
@@ -430,7 +429,6 @@ class DenoisingEngine:
         shapes, and the branch transformers' StaticSlidingWindowLayer.update takes for each sliding layer
         (decided on the host by its `cumulative_length_int`: room for the new tokens, filling up from a given
         length, or full)."""
-        shapes = tuple((k, None if m is None else tuple(m.shape)) for k, m in sorted(masks.items()))
         branches = []
         for layer in self._sliding_layers():
             length = layer.cumulative_length_int
@@ -440,7 +438,7 @@ class DenoisingEngine:
                 branches.append(("fills", length))
             else:
                 branches.append("room")
-        return new_tokens, shapes, tuple(branches)
+        return new_tokens, _mask_shapes(masks), tuple(branches)
 
     def _capture_pass(self, inputs):
         """Captures an encoder pass into a graph reading static copies of its inputs. Capturing records the
@@ -581,6 +579,10 @@ def add_soft_embedding_chunk(soft, logits, inv_temperature, log_norm, weight) ->
     probabilities at a time)."""
     probs = torch.exp(logits * inv_temperature - log_norm[:, None])
     return soft + torch.mm(probs.to(weight.dtype), weight).float()
+
+
+def _mask_shapes(masks: dict) -> tuple:
+    return tuple((kind, None if mask is None else tuple(mask.shape)) for kind, mask in sorted(masks.items()))
 
 
 def _tensors(inputs: dict):
