@@ -391,22 +391,14 @@ def use_fused_layers(model) -> None:
             layer.self_attn.__class__ = DecoderAttention
 
 
-def use_upstream_layers(model) -> list:
-    """Gives the fused text layers upstream's classes back, keeping the decoder attention's cache fix; returns the
-    layers it changed."""
-    layers = [layer for layer in _text_layers(model) if type(layer) in _UPSTREAM]
-    for layer in layers:
-        layer.__class__ = _UPSTREAM[type(layer)]
-    return layers
-
-
 @contextlib.contextmanager
 def upstream_layers(model):
     """While open, the text layers and the decoder's attention are upstream's as they ship (e.g. to time
     upstream's generate)."""
     layers = {layer: type(layer) for layer in _text_layers(model)}
     attentions = [layer.self_attn for layer in layers if type(layer.self_attn) is DecoderAttention]
-    use_upstream_layers(model)
+    for layer, cls in layers.items():
+        layer.__class__ = _UPSTREAM.get(cls, cls)
     for attention in attentions:
         attention.__class__ = upstream.DiffusionGemmaDecoderTextAttention
     try:
