@@ -388,15 +388,14 @@ class DenoisingEngine:
             batch_size=self.batch_size,
         )
         inputs = dict(input_ids=unprocessed, attention_mask=encoder_masks, position_ids=position_ids)
-        memory = self._cache_memory() if self.use_graphs else None
-        if (not self.use_graphs or prompt_kwargs or None in memory
-                or (is_prefill and unprocessed.numel() > _CAPTURED_PROMPT_TOKENS)):
+        if not self.use_graphs or prompt_kwargs or (is_prefill and unprocessed.numel() > _CAPTURED_PROMPT_TOKENS):
             self._encoder_pass(inputs, prompt_kwargs)
             return
+        memory = self._cache_memory()
         key = self._pass_key(encoder_masks, unprocessed.shape[1])
         captured = self._encoder_graphs.get(key)
         if captured is None or captured[2] != memory:  # (a graph of other cache memory would read freed buffers)
-            if key not in self._warm_passes:
+            if key not in self._warm_passes or None in memory:  # an eager pass, the warm-up, allocates the cache
                 self._warm_passes.add(key)
                 self._encoder_pass(inputs)
                 return
