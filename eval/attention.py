@@ -1,7 +1,7 @@
 """GPU benchmark of the Triton attention kernel at DiffusionGemma 26B-A4B's attention shapes.
 
     python -m eval.attention [--kv 4096,32768,131072] [--batch 1,4] [--q 256] [--shapes global,sliding]
-                             [--no-mask] [--sweep] [--out results/attention.json]
+                             [--no-mask] [--sweep] [--kv-splits auto,1,2] [--out results/attention.json]
 
 Shapes (a decoder step: the 256-token canvas attending to the cached prefix and itself):
 - global: 16 query heads, 2 kv heads, head_dim 512 (K doubles as V in the checkpoint; the model still hands
@@ -10,14 +10,18 @@ Shapes (a decoder step: the 256-token canvas attending to the cached prefix and 
   window + canvas = 1280 keys; long kv here stands for the encoder/prefill case and for headroom.)
 
 For each (shape, batch, kv), in one process, bf16, random q/k/v, the decoder's boolean mask [B, 1, q, kv]
-(all True but a few left-padding keys in rows b > 0; --no-mask drops it):
+(all True but a few left-padding keys in rows b > 0, one row expanded over the queries as the engine
+passes it; --no-mask drops it):
 - transformers_sdpa: transformers' own sdpa path (`sdpa_attention_forward`: repeat_kv, then PyTorch SDPA;
   at head_dim 512 or with a mask that is the memory-efficient kernel);
 - sdpa_<backend>: PyTorch SDPA pinned to each backend (flash, cudnn, efficient; math up to 32k keys) with
   enable_gqa and no repeated heads, where the backend accepts the case (flash and cuDNN stop at head_dim 256
   and take no mask: they run on --no-mask rows); sdpa_best is the fastest of them;
 - dgemma_triton: `dgemma_hf.kernels.attention.flash_attention` (the tuned table, or with --sweep every
-  candidate config, best reported as dgemma_triton_best_swept); dgemma_triton_k_is_v (global): v is k.
+  candidate config, best reported as dgemma_triton_best_swept); dgemma_triton_k_is_v (global): v is k;
+  dgemma_triton_splits<n>: the keys split over n programs per row block (--kv-splits; "auto", the default,
+  is the kernel's own choice and the plain dgemma_triton rows); dgemma_triton_tile_mask: the mask made
+  contiguous (a row per query), as masks with rows of their own are read.
 Per case: median ms (plain launches and CUDA-graph replays), TFLOP/s, error against float32 math on a
 slice of query rows, and the floor in the same run: max(bytes / copy bandwidth, FLOPs / bf16 matmul rate).
 """
@@ -57,11 +61,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shapes", default="global,sliding", help=f"comma-separated, from {sorted(SHAPES)}")
     parser.add_argument("--no-mask", action="store_true", help="also time every case without a mask")
     parser.add_argument("--sweep", action="store_true", help="also try the Triton block-size candidates")
+    parser.add_argument("--kv-splits", default="auto",
+                        help="comma-separated key splits for the Triton kernel: 'auto' and/or ints 1..16")
     parser.add_argument("--out", type=Path, default=Path("results/attention.json"))
     args = parser.parse_args(argv)
     args.kv = parse_ints(args.kv, "--kv")
     args.batch = parse_ints(args.batch, "--batch")
     args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    splits = [s.strip() for s in args.kv_splits.split(",") if s.strip()]
+    if not splits or any(s != "auto" and not (s.isdigit() and 1 <= int(s) <= 16) for s in splits):
+        raise SystemExit(f"--kv-splits must be 'auto' and/or integers from 1 to 16, got {args.kv_splits!r}")
+    args.kv_splits = [None if s == "auto" else int(s) for s in splits]
     unknown = sorted(set(args.shapes) - set(SHAPES))
     if unknown or not args.shapes:
         raise SystemExit(f"--shapes must name some of {sorted(SHAPES)}, got {unknown or args.shapes}")
@@ -86,11 +96,12 @@ def sweep_configs(head_dim: int):
 
 
 def decoder_mask(batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
-    """The decoder's boolean mask: every key allowed, but rows b > 0 have 7 * b left-padding keys."""
-    mask = torch.ones(batch, 1, q_len, kv_len, dtype=torch.bool, device=device)
+    """The decoder's boolean mask as the model makes it: one row per batch element, expanded over the queries;
+    every key allowed, but rows b > 0 have 7 * b left-padding keys."""
+    mask = torch.ones(batch, 1, 1, kv_len, dtype=torch.bool, device=device)
     for b in range(1, batch):
         mask[b, :, :, : 7 * b] = False
-    return mask
+    return mask.expand(batch, 1, q_len, kv_len)
 
 
 def reference_rows(q, k, v, mask, scaling: float) -> torch.Tensor:
@@ -141,7 +152,7 @@ def sdpa_backends():
 
 
 def bench_case(shape: str, batch: int, q_len: int, kv_len: int, masked: bool, ceilings: dict, sweep: bool,
-               generator: torch.Generator) -> list[dict]:
+               generator: torch.Generator, kv_splits=(None,)) -> list[dict]:
     from torch.nn.attention import sdpa_kernel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -182,11 +193,19 @@ def bench_case(shape: str, batch: int, q_len: int, kv_len: int, masked: bool, ce
                     q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         cases[f"sdpa_{name}"] = (run, want, 2)
     out = torch.empty(batch, q_len, q_heads, head_dim, dtype=q.dtype, device=dev).transpose(1, 2)
-    cases["dgemma_triton"] = (
-        lambda cfg: flash_attention(q, k, v, mask, scaling=scaling, out=out, config=cfg), want, 2)
-    if shape == "global":
-        cases["dgemma_triton_k_is_v"] = (
-            lambda cfg: flash_attention(q, k, k, mask, scaling=scaling, out=out, config=cfg), want_kv, 1)
+    if masked:  # the same mask stored row by row: the kernel reads [rows, keys] tiles
+        full_mask = mask.contiguous()
+        cases["dgemma_triton_tile_mask"] = (
+            lambda cfg: flash_attention(q, k, v, full_mask, scaling=scaling, out=out, config=cfg), want, 2)
+    for splits in kv_splits:
+        suffix = "" if splits is None else f"_splits{splits}"
+        cases["dgemma_triton" + suffix] = (
+            lambda cfg, splits=splits: flash_attention(q, k, v, mask, scaling=scaling, out=out, config=cfg,
+                                                       kv_splits=splits), want, 2)
+        if shape == "global":
+            cases["dgemma_triton_k_is_v" + suffix] = (
+                lambda cfg, splits=splits: flash_attention(q, k, k, mask, scaling=scaling, out=out, config=cfg,
+                                                           kv_splits=splits), want_kv, 1)
 
     common = {"shape": shape, "batch": batch, "q": q_len, "kv": kv_len, "mask": masked,
               "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim}
@@ -242,7 +261,8 @@ def main(argv=None) -> int:
         for masked in (True, False) if args.no_mask else (True,):
             print(f"{shape} batch {batch} kv {kv_len} mask {masked} ...", flush=True)
             try:
-                report["rows"] += bench_case(shape, batch, args.q, kv_len, masked, ceilings, args.sweep, generator)
+                report["rows"] += bench_case(shape, batch, args.q, kv_len, masked, ceilings, args.sweep, generator,
+                                             args.kv_splits)
             except torch.OutOfMemoryError as exc:
                 print(f"  out of memory: {str(exc)[:120]}")
             torch.cuda.empty_cache()

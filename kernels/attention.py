@@ -16,16 +16,24 @@ softmax statistics and accumulator, one pass over the keys with an online softma
 - D = 512: the [BLOCK_M, D] fp32 accumulator is the register hog. `DV_SPLIT` programs share one (rows,
   kv head) and each accumulates D / DV_SPLIT output columns (QK^T is recomputed per program, the extra
   programs also fill the GPU at batch 1); the K tile of the full D feeds the QK^T dot, whose reduction
-  Triton splits into MMA steps. The table below starts D = 512 at DV_SPLIT = 2; the sweep of
+  Triton splits into MMA steps. The table below runs D = 512 at DV_SPLIT = 2; the sweep of
   `eval.attention` measures 1, 2 and 4.
 - Masks: a boolean (True = attend) or additive float mask broadcastable to [B, 1, Lq, Lk], any strides
   (an expanded one is read as is); an additive entry at or below the dtype's lowest finite value (what
   transformers' eager masks use) or -inf counts as masked. Optional causal masking, query i at absolute
   position i + q_offset attending keys j <= i + q_offset, and a sliding window (keys j > i + q_offset -
   window). A row with no key left gets zeros (no NaN), as PyTorch's SDPA does with boolean or -inf masks.
+  A mask broadcast over the queries (query stride 0, as the engine passes the decoder's padding mask) is
+  read as one row, a [BLOCK_N] vector per key tile. A [BLOCK_M, BLOCK_N] tile costs far more than its
+  bytes: Triton moves it into the MMA's register layout through shuffles (at D 256 the compiled key loop
+  has 1618 instructions with tiles, 886 with the row, for sm_90).
 - Work skipping: with causal/window masking the key loop covers only the blocks the rows can see; with a
   mask, each program first scans its query rows' mask (1 byte per (query, key), against 2 * D bytes per key
   for K) for the first and last allowed key, so left padding and unused static-cache slots cost no MMA.
+- Split keys (flash-decoding): when the grid has fewer programs than the GPU has SMs (batch 1 with a
+  256-token canvas: 64 programs at D 256), KV_SPLITS programs share one block of rows, each taking an equal
+  share of the key blocks left after the bounds above. They write unnormalised fp32 partials with their row
+  max and sum, and `_combine_splits_kernel` merges them in split order (deterministic, no atomics).
 
 The host wrapper only reads shapes, strides and dtypes: no host synchronisation, so it can be captured in a
 CUDA graph (compile the kernel once outside the capture).
@@ -45,18 +53,23 @@ _MASK_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LOG2E = 1.4426950408889634
 _INT32_MAX = 2**31 - 1
 _PREPASS_TILE = 4096  # elements per mask-scan tile (query rows x keys); bytes, so wide tiles are cheap
+# Split keys only while the grid has fewer programs than SMs, and give each split at least this many keys:
+# below that the partials' round trip costs more than the extra programs win.
+_MIN_KEYS_PER_SPLIT = 256
+_MAX_KV_SPLITS = 16
 
 # Tile sizes per head dim, kept as data: (BLOCK_M packed rows, BLOCK_N keys, DV_SPLIT, num_warps, num_stages).
-# bf16/fp16: first guesses that compile for sm_90 without register spills and inside 227 KB of shared memory
-# (checked with Triton's compiler and ptxas -v, no GPU run yet); `python -m eval.attention --sweep` measures
-# the candidates. D = 512: (64, 32, 2, 8, 2) uses 198 registers and 162 KB; DV_SPLIT = 1 spills there.
+# bf16/fp16, D 256 and 512: the best of `python -m eval.attention --sweep` on an H200 (2026-11-28, fifth
+# session, decoder mask read as one row) at kv 32768 and at batch 4 with kv 1280; BLOCK_M 128 gives each of
+# the 8 warps' two warpgroups 64 whole rows, so the softmax needs no cross-warp reduction. The other head dims:
+# first guesses that compile for sm_90 without register spills (Triton's compiler and ptxas -v).
 _CONFIGS = {
     16: (64, 64, 1, 4, 2),
     32: (64, 64, 1, 4, 2),
     64: (128, 64, 1, 4, 3),
     128: (128, 64, 1, 8, 3),
-    256: (64, 64, 1, 8, 2),
-    512: (64, 32, 2, 8, 2),
+    256: (128, 64, 1, 8, 2),
+    512: (128, 32, 2, 8, 1),
 }
 # float32 runs exact IEEE dots on the CUDA cores (for tests and references, not for speed): small tiles.
 _FP32_CONFIGS = {
@@ -88,7 +101,7 @@ def _mask_tile(mask_ptr, offsets, valid, MASK_KIND: tl.constexpr, mask_floor):
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, stats_ptr,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -97,12 +110,14 @@ def _attention_kernel(
     num_kv_heads, Lq, Lk, q_offset, window, qk_scale, mask_floor,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRE_M: tl.constexpr, PRE_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, BOUND_BY_MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-    V_IS_K: tl.constexpr, IEEE_DOT: tl.constexpr,
+    MASK_KIND: tl.constexpr, KEY_MASK: tl.constexpr, BOUND_BY_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr, V_IS_K: tl.constexpr, IEEE_DOT: tl.constexpr, KV_SPLITS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    pid_d = tl.program_id(2)
+    DV_SPLIT: tl.constexpr = HEAD_DIM // BLOCK_DV
+    pid_d = tl.program_id(2) % DV_SPLIT
+    pid_s = tl.program_id(2) // DV_SPLIT
     batch = pid_bh // num_kv_heads
     kv_head = pid_bh % num_kv_heads
 
@@ -147,6 +162,10 @@ def _attention_kernel(
         lo = tl.maximum(lo, first_key)
         hi = tl.minimum(hi, last_key + 1)
     lo = (lo // BLOCK_N) * BLOCK_N  # aligned tiles; keys before the true start are masked below
+    if KV_SPLITS > 1:  # this program's equal share of the key blocks
+        share = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), KV_SPLITS) * BLOCK_N
+        lo = lo + pid_s * share
+        hi = tl.minimum(hi, lo + share)
 
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -166,7 +185,12 @@ def _attention_kernel(
             allowed = allowed & (cols[None, :] <= abs_pos[:, None])
         if WINDOWED:
             allowed = allowed & (cols[None, :] > abs_pos[:, None] - window)
-        if MASK_KIND != 0:
+        if KEY_MASK:  # one mask row serves every query: a vector a tile, no [rows, keys] tile to load
+            key_allowed, key_bias = _mask_tile(m_base, cols * stride_mn, col_valid, MASK_KIND, mask_floor)
+            allowed = allowed & key_allowed[None, :]
+            if MASK_KIND == 2:
+                s = s + key_bias[None, :]
+        elif MASK_KIND != 0:
             offsets = q_pos[:, None] * stride_mm + cols[None, :] * stride_mn
             mask_allowed, bias = _mask_tile(m_base, offsets, allowed, MASK_KIND, mask_floor)
             allowed = mask_allowed
@@ -191,11 +215,55 @@ def _attention_kernel(
             acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
 
-    # Rows that saw no allowed key have l = 0 and acc = 0: they store zeros.
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    o_base = out_ptr + batch.to(tl.int64) * stride_ob
-    o_offsets = heads[:, None].to(tl.int64) * stride_oh + q_pos[:, None] * stride_om + out_dims[None, :]
-    tl.store(o_base + o_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+    if KV_SPLITS == 1:
+        # Rows that saw no allowed key have l = 0 and acc = 0: they store zeros.
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        o_base = out_ptr + batch.to(tl.int64) * stride_ob
+        o_offsets = heads[:, None].to(tl.int64) * stride_oh + q_pos[:, None] * stride_om + out_dims[None, :]
+        tl.store(o_base + o_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+    else:
+        # Partials [KV_SPLITS, packed rows of all (batch, kv head), HEAD_DIM]; stats [KV_SPLITS, 2, rows].
+        total_rows = tl.num_programs(1) * Lq * GROUP
+        part_rows = (pid_s * total_rows + pid_bh * Lq * GROUP + rows).to(tl.int64)
+        tl.store(part_ptr + part_rows[:, None] * HEAD_DIM + out_dims[None, :], acc, mask=row_valid[:, None])
+        stats_rows = pid_s.to(tl.int64) * 2 * total_rows + pid_bh * Lq * GROUP + rows
+        if pid_d == 0:  # every output-column program has the same statistics
+            tl.store(stats_ptr + stats_rows, m_i, mask=row_valid)
+            tl.store(stats_ptr + stats_rows + total_rows, l_i, mask=row_valid)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, stride_om, num_kv_heads, Lq, total_rows,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over the splits, in split order; zeros where no
+    split saw an allowed key."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # packed rows of all (batch, kv head)
+    row_valid = rows < total_rows
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = tl.full([BLOCK_R], -float("inf"), dtype=tl.float32)
+    for s in tl.static_range(KV_SPLITS):
+        m = tl.maximum(m, tl.load(stats_ptr + s * 2 * total_rows + rows, mask=row_valid, other=-float("inf")))
+    m_ref = tl.where(m == -float("inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for s in tl.static_range(KV_SPLITS):
+        weight = tl.math.exp2(tl.load(stats_ptr + s * 2 * total_rows + rows, mask=row_valid, other=-float("inf"))
+                              - m_ref)
+        l_sum += weight * tl.load(stats_ptr + (s * 2 + 1) * total_rows + rows, mask=row_valid, other=0.0)
+        part_rows = (s * total_rows + rows).to(tl.int64)
+        part = tl.load(part_ptr + part_rows[:, None] * HEAD_DIM + dims[None, :], mask=row_valid[:, None], other=0.0)
+        acc += weight[:, None] * part
+    out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None]
+    per_bh = Lq * GROUP
+    bh = rows // per_bh
+    batch = bh // num_kv_heads
+    heads = (bh % num_kv_heads) * GROUP + (rows % per_bh) % GROUP
+    q_pos = (rows % per_bh) // GROUP
+    offsets = (batch.to(tl.int64) * stride_ob + heads.to(tl.int64) * stride_oh + q_pos * stride_om)
+    tl.store(out_ptr + offsets[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
 def _check(condition: bool, message: str) -> None:
@@ -236,6 +304,12 @@ def _check_config(config, head_dim: int) -> tuple[int, int, int, int, int]:
     return block_m, block_n, dv_split, num_warps, num_stages
 
 
+def auto_kv_splits(programs: int, kv_len: int, sm_count: int) -> int:
+    """Key splits that let a grid of `programs` fill `sm_count` SMs, each split keeping at least
+    _MIN_KEYS_PER_SPLIT keys (sm_count 0, off CUDA: no split)."""
+    return max(1, min(sm_count // max(programs, 1), kv_len // _MIN_KEYS_PER_SPLIT, _MAX_KV_SPLITS))
+
+
 def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -249,6 +323,7 @@ def flash_attention(
     out: torch.Tensor | None = None,
     config: tuple | None = None,
     bound_by_mask: bool = True,
+    kv_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of q [B, Hq, Lq, D] over k, v [B, Hkv, Lk, D]; returns [B, Hq, Lq, D] (`out` if given).
 
@@ -258,7 +333,8 @@ def flash_attention(
     out: optional [B, Hq, Lq, D] tensor of q's dtype with unit last-dim stride (e.g. a transposed view of a
     [B, Lq, Hq, D] buffer), written in full; it must not overlap q, k, v or mask. config: (BLOCK_M, BLOCK_N,
     DV_SPLIT, num_warps, num_stages) overrides the tuned table; bound_by_mask=False skips the mask scan (for
-    benchmarks).
+    benchmarks). kv_splits: programs sharing one block of rows, each over an equal share of its keys, merged by a
+    second kernel (None: `auto_kv_splits`, which splits only grids smaller than the GPU).
     Pass the same tensor as k and v when K doubles as V: it is then read once.
     """
     _check_qkv("q", q)
@@ -279,6 +355,9 @@ def flash_attention(
            f"scaling must be a finite float, got {scaling!r}")
     _check(isinstance(causal, bool), f"causal must be a bool, got {causal!r}")
     _check(isinstance(q_offset, int) and not isinstance(q_offset, bool), f"q_offset must be an int, got {q_offset!r}")
+    _check(kv_splits is None or (isinstance(kv_splits, int) and not isinstance(kv_splits, bool)
+                                 and 1 <= kv_splits <= _MAX_KV_SPLITS),
+           f"kv_splits must be None or an int from 1 to {_MAX_KV_SPLITS}, got {kv_splits!r}")
     if sliding_window is not None:
         _check(isinstance(sliding_window, int) and sliding_window >= 1,
                f"sliding_window must be a positive int or None, got {sliding_window!r}")
@@ -317,11 +396,20 @@ def flash_attention(
         pick_config(head_dim, q.dtype) if config is None else _check_config(config, head_dim))
     v_is_k = v is k or (v.data_ptr() == k.data_ptr() and v.stride() == k.stride())
     # The mask scan reads the program's distinct query rows (one more when a block starts mid-group).
-    pre_m = triton.next_power_of_2(triton.cdiv(block_m, group) + (block_m % group != 0))
+    key_mask = bool(mask_kind) and mask_strides[1] == 0  # one row for every query (e.g. the decoder's padding)
+    pre_m = 1 if key_mask else triton.next_power_of_2(triton.cdiv(block_m, group) + (block_m % group != 0))
     pre_n = max(16, min(512, _PREPASS_TILE // pre_m))
     grid = (triton.cdiv(q_len * group, block_m), batch * kv_heads, dv_split)
-    _attention_kernel[grid](
-        q, k, v, mask_arg, out,
+    if kv_splits is None:
+        sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
+        kv_splits = auto_kv_splits(grid[0] * grid[1] * grid[2], kv_len, sm_count)
+    part, stats = out, out  # unused unless the keys are split
+    total_rows = batch * kv_heads * q_len * group
+    if kv_splits > 1:
+        part = torch.empty(kv_splits, total_rows, head_dim, dtype=torch.float32, device=q.device)
+        stats = torch.empty(kv_splits, 2, total_rows, dtype=torch.float32, device=q.device)
+    _attention_kernel[grid[:2] + (dv_split * kv_splits,)](
+        q, k, v, mask_arg, out, part, stats,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -330,8 +418,14 @@ def flash_attention(
         kv_heads, q_len, kv_len, q_offset, sliding_window or 0, float(scaling) * _LOG2E, mask_floor,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_DV=head_dim // dv_split,
         BLOCK_M=block_m, BLOCK_N=block_n, PRE_M=pre_m, PRE_N=pre_n,
-        MASK_KIND=mask_kind, BOUND_BY_MASK=bool(mask_kind and bound_by_mask), CAUSAL=causal,
+        MASK_KIND=mask_kind, KEY_MASK=key_mask, BOUND_BY_MASK=bool(mask_kind and bound_by_mask), CAUSAL=causal,
         WINDOWED=sliding_window is not None, V_IS_K=v_is_k, IEEE_DOT=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+        KV_SPLITS=kv_splits, num_warps=num_warps, num_stages=num_stages,
     )
+    if kv_splits > 1:
+        block_r, block_d = 32, min(head_dim, 128)
+        _combine_splits_kernel[(triton.cdiv(total_rows, block_r), head_dim // block_d)](
+            part, stats, out, out.stride(0), out.stride(1), out.stride(2), kv_heads, q_len, total_rows,
+            GROUP=group, HEAD_DIM=head_dim, KV_SPLITS=kv_splits, BLOCK_R=block_r, BLOCK_D=block_d,
+        )
     return out

@@ -196,6 +196,71 @@ def test_mask_scan_skips_work_without_changing_results():
     assert rel_err(scanned, reference(q, k, v, mask)) < 1e-5
 
 
+# (q heads, kv heads, q_len, kv_len, head_dim, config, mask kind, causal q_offset / window or None)
+SPLIT_CASES = [
+    (8, 1, 5, 77, 256, SMALL, "bool", None),  # GQA 8, padding and unused slots split over programs
+    (4, 2, 3, 45, 512, (16, 16, 2, 4, 1), "additive", None),  # D 512 over two output-column programs
+    (4, 2, 6, 60, 64, SMALL, "none", (40, 15)),  # causal sliding window: each program's own key range
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_splits", [2, 3, 16])  # 16: more splits than key blocks, some get none
+@pytest.mark.parametrize("q_heads, kv_heads, q_len, kv_len, head_dim, config, mask_kind, causal", SPLIT_CASES)
+def test_split_keys_match_reference(q_heads, kv_heads, q_len, kv_len, head_dim, config, mask_kind, causal,
+                                    kv_splits, dtype):
+    """Programs splitting the keys and the merge kernel give the attention over all keys; a row with no allowed
+    key in any split is zeros."""
+    generator = torch.Generator().manual_seed(kv_len * 7 + kv_splits)
+    q, k, v = make_qkv(2, q_heads, kv_heads, q_len, kv_len, head_dim, dtype, generator)
+    mask, kwargs, ref_kwargs = None, {}, {}
+    if mask_kind != "none":
+        holes = padding_mask(2, q_len, kv_len, generator, left=(0, 30), unused=9)
+        holes[1, :, 1] = False  # a query row that sees nothing
+        mask = holes
+        if mask_kind == "additive":
+            bias = torch.randn(holes.shape, generator=generator).to(dtype)
+            mask = bias.masked_fill(~holes, torch.finfo(dtype).min)
+        mask = mask.to(DEVICE)
+    if causal is not None:
+        kwargs = dict(causal=True, q_offset=causal[0], sliding_window=causal[1])
+        ref_kwargs = dict(causal=True, q_offset=causal[0], window=causal[1])
+    got = run_poisoned(q, k, v, mask, scaling=0.7, config=config, kv_splits=kv_splits, **kwargs)
+    assert rel_err(got, reference(q, k, v, mask, scaling=0.7, **ref_kwargs)) < TOLERANCE[dtype]
+    if mask is not None:
+        assert (got[1, :, 1] == 0).all()
+    whole = flash_attention(q, k, v, mask, scaling=0.7, config=config, kv_splits=1, **kwargs)
+    assert rel_err(got, whole.double().cpu()) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+@pytest.mark.parametrize("kv_splits", [1, 3])
+def test_query_broadcast_mask_reads_one_row(mask_dtype, kv_splits):
+    """A mask expanded over the queries (stride 0) takes the one-row path: the same numbers, bit for bit, as the
+    same mask made contiguous (the [rows, keys] tile path), and the reference."""
+    generator = torch.Generator().manual_seed(11 + kv_splits)
+    q, k, v = make_qkv(2, 8, 2, 7, 83, 64, torch.float32, generator)
+    keep = padding_mask(2, 1, 83, generator, left=(0, 13), unused=6)
+    keep[1] = False if kv_splits == 3 else keep[1]  # a batch row with no key at all: zeros
+    mask = keep if mask_dtype == torch.bool else torch.randn(keep.shape, generator=generator).masked_fill(
+        ~keep, torch.finfo(torch.float32).min)
+    mask = mask.to(DEVICE).expand(2, 1, 7, 83)
+    assert mask.stride(2) == 0
+    got = run_poisoned(q, k, v, mask, config=SMALL, kv_splits=kv_splits)
+    assert torch.equal(got, flash_attention(q, k, v, mask.contiguous(), config=SMALL, kv_splits=kv_splits))
+    assert rel_err(got, reference(q, k, v, mask)) < 1e-5
+
+
+def test_auto_kv_splits_fill_idle_sms_only():
+    # Batch 1, sliding layer: 256 queries x 2 heads / 128 rows = 4 row blocks x 8 kv heads = 32 programs.
+    assert kernel.auto_kv_splits(32, 1280, 132) == 4
+    assert kernel.auto_kv_splits(64, 1280, 132) == 2
+    assert kernel.auto_kv_splits(256, 131072, 132) == 1  # batch 4: the grid fills the GPU already
+    assert kernel.auto_kv_splits(4, 600, 132) == 2  # at least 256 keys a split
+    assert kernel.auto_kv_splits(1, 1 << 20, 132) == 16  # at most 16
+    assert kernel.auto_kv_splits(64, 1280, 0) == 1  # off CUDA
+
+
 def test_kernel_bad_inputs_raise_clear_errors():
     generator = torch.Generator().manual_seed(0)
     q, k, v = make_qkv(1, 4, 2, 3, 8, 64, torch.float32, generator)
@@ -223,6 +288,9 @@ def test_kernel_bad_inputs_raise_clear_errors():
         flash_attention(q, k, v, out=torch.empty(1, 4, 2, 64, device=DEVICE))
     with pytest.raises(ValueError, match="config DV_SPLIT"):
         flash_attention(q, k, v, config=(16, 16, 8, 4, 1))
+    for bad in (0, 17, True, 2.0):
+        with pytest.raises(ValueError, match="kv_splits must be None or an int from 1 to 16"):
+            flash_attention(q, k, v, kv_splits=bad)
 
 
 # -- the backends inside transformers ------------------------------------------------------------------
@@ -442,6 +510,10 @@ def test_eval_script_parses_arguments_on_cpu():
 
     args = parse_args(["--kv", "4096,32768", "--batch", "1", "--shapes", "global"])
     assert args.kv == [4096, 32768] and args.batch == [1] and args.shapes == ["global"]
+    assert args.kv_splits == [None]
+    assert parse_args(["--kv-splits", "auto,1,4"]).kv_splits == [None, 1, 4]
+    with pytest.raises(SystemExit):
+        parse_args(["--kv-splits", "17"])
     with pytest.raises(SystemExit):
         parse_args(["--shapes", "local"])
     with pytest.raises(SystemExit):
@@ -451,13 +523,14 @@ def test_eval_script_parses_arguments_on_cpu():
 # -- GPU only -------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 2])  # batch 1 splits the keys (fewer programs than SMs)
 @pytest.mark.parametrize("q_heads, kv_heads, head_dim", [(16, 2, 512), (16, 8, 256)])
-def test_gpu_real_shapes_bf16_and_cuda_graph(q_heads, kv_heads, head_dim):
+def test_gpu_real_shapes_bf16_and_cuda_graph(q_heads, kv_heads, head_dim, batch):
     """bf16 at DiffusionGemma's shapes (canvas 256 over 4352 keys, padding), and capture in a CUDA graph."""
     generator = torch.Generator().manual_seed(0)
-    q, k, v = make_qkv(2, q_heads, kv_heads, 256, 4352, head_dim, torch.bfloat16, generator)
+    q, k, v = make_qkv(batch, q_heads, kv_heads, 256, 4352, head_dim, torch.bfloat16, generator)
     q = q / head_dim**0.25
-    mask = padding_mask(2, 256, 4352, generator, left=(0, 300), unused=96).cuda()
+    mask = padding_mask(batch, 256, 4352, generator, left=(0, 300), unused=96).cuda()
     want = reference(q, k, v, mask, scaling=1.0)
     got = run_poisoned(q, k, v, mask, scaling=1.0)
     assert rel_err(got, want) < TOLERANCE[torch.bfloat16]

@@ -405,3 +405,39 @@ def test_chunked_prefill_generates_what_one_prefill_does(variant, sampling, toke
         assert (a.keys - b.keys).abs().max().item() < tolerance
     with pytest.raises(ValueError, match="`prefill_chunk_size` must be a positive integer"):
         model.generate(input_ids, prefill_chunk_size=0, **kwargs)
+
+
+def test_decoder_masks_are_one_row_expanded(tokenizer):
+    """The engine hands the decoder its padding masks as one row per batch element expanded over the canvas
+    (query stride 0: the attention kernel reads a vector a key tile), equal to the masks upstream builds."""
+    model = build_pair(variant_config("default"), tokenizer, seed=2)[0]
+    input_ids, attention_mask = left_padded_batch(tokenizer, ["Why is the sky blue?", "Tom has 3 apples."])
+    with torch.no_grad():
+        model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=32, max_denoising_steps=2, seed=3,
+                       sampling="fused", eos_token_id=None)
+    engine = model._dgemma_engine
+    decoder_mask = torch.nn.functional.pad(attention_mask.bool(), (0, 32), value=True)
+    upstream = model.model.decoder.create_diffusion_decoder_attention_mask(
+        config=model.config, inputs_embeds=torch.zeros(2, 16, 1), past_key_values=engine.cache,
+        decoder_attention_mask=decoder_mask)
+    for kind, mask in engine.mask_mapping.items():
+        assert mask.shape[2] == 16 and mask.stride(2) == 0
+        assert torch.equal(mask, upstream[kind])
+        assert not mask[1, 0, 0].all()  # the padded row's mask is not all True
+
+
+def test_static_mask_buffers_keep_a_query_broadcast_mask_broadcast():
+    """A captured graph's copy of the decoder's mask (expanded over the queries) stays one row, so the attention
+    kernel keeps reading one row; refreshing it from a new mask updates every query."""
+    from dgemma_hf.generation.engine import _mask_shapes, _static_copy, _stored_rows
+
+    row = torch.tensor([[False, True, True, False], [True, True, True, False]])[:, None, None, :]
+    mask = row.expand(2, 1, 5, 4)
+    static = _static_copy(mask)
+    assert static.stride(2) == 0 and torch.equal(static, mask) and static.data_ptr() != mask.data_ptr()
+    other = (~row).expand(2, 1, 5, 4)
+    _stored_rows(static).copy_(_stored_rows(other))
+    assert torch.equal(static, other)
+    full = mask.contiguous()  # a mask with rows of its own is copied whole
+    assert _static_copy(full).stride(2) == 4
+    assert _mask_shapes({"a": mask}) != _mask_shapes({"a": full})  # a graph is never reused across the two

@@ -356,13 +356,13 @@ class DenoisingEngine:
             return None
         for name, mask in self.mask_mapping.items():
             if mask is not None:
-                self._static_masks[name].copy_(mask)
+                _stored_rows(self._static_masks[name]).copy_(_stored_rows(mask))
         self.mask_mapping = self._static_masks
         return self._captured
 
     def _capture(self):
         key = self._mask_key()
-        self._static_masks = {k: None if m is None else m.clone() for k, m in self.mask_mapping.items()}
+        self._static_masks = {k: None if m is None else _static_copy(m) for k, m in self.mask_mapping.items()}
         self.mask_mapping = self._static_masks
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -402,7 +402,7 @@ class DenoisingEngine:
             captured = self._encoder_graphs[key] = (*self._capture_pass(inputs), memory)
         graph, static, _ = captured
         for name, value in _tensors(inputs):
-            static[name].copy_(value)
+            _stored_rows(static[name]).copy_(_stored_rows(value))
         graph.replay()
         for layer in self._sliding_layers():  # the one host-side state of the cache the replay cannot advance
             layer.cumulative_length_int += unprocessed.shape[1]
@@ -442,7 +442,7 @@ class DenoisingEngine:
     def _capture_pass(self, inputs):
         """Captures an encoder pass into a graph reading static copies of its inputs. Capturing records the
         kernels without running them; the sliding layers' host counters it advances are set back."""
-        static = {name: value.clone() for name, value in _tensors(inputs)}
+        static = {name: _static_copy(value) for name, value in _tensors(inputs)}
         captured_inputs = {name: static.get(name, value) for name, value in inputs.items()}
         captured_inputs["attention_mask"] = {
             kind: static.get(f"attention_mask.{kind}", mask) for kind, mask in inputs["attention_mask"].items()
@@ -531,10 +531,14 @@ class DenoisingEngine:
                 start = self._initial_canvas(canvas_index)  # drawn even when a canvas is given, as upstream does
                 if canvas_index == 0 and decoder_input_ids is not None:
                     start = decoder_input_ids
-                self.mask_mapping = model.model.decoder.create_diffusion_decoder_attention_mask(
+                masks = model.model.decoder.create_diffusion_decoder_attention_mask(
                     config=model.config, inputs_embeds=start.unsqueeze(-1), past_key_values=self.cache,
                     decoder_attention_mask=decoder_attention_mask,
                 )
+                # Padding only, so every canvas query has the same mask row: one row, expanded (a view), lets the
+                # attention kernel read a vector a key tile instead of a [queries, keys] tile.
+                self.mask_mapping = {kind: None if mask is None else mask[:, :, :1].expand(mask.shape)
+                                     for kind, mask in masks.items()}
                 self._start_canvas(start, sc_logits if canvas_index == 0 else None, canvas_index)
             with _phase("denoise"):
                 if self.sampling == "fused":
@@ -581,7 +585,24 @@ def add_soft_embedding_chunk(soft, logits, inv_temperature, log_norm, weight) ->
 
 
 def _mask_shapes(masks: dict) -> tuple:
-    return tuple((kind, None if mask is None else tuple(mask.shape)) for kind, mask in sorted(masks.items()))
+    """Per mask: its shape and whether one row serves every query (a graph reads such a mask's one row)."""
+    return tuple((kind, None if mask is None else (tuple(mask.shape), _query_broadcast(mask)))
+                 for kind, mask in sorted(masks.items()))
+
+
+def _query_broadcast(tensor: torch.Tensor) -> bool:
+    """A 4D mask expanded over its queries (the decoder's, see `_run`)."""
+    return tensor.ndim == 4 and tensor.shape[2] > 1 and tensor.stride(2) == 0
+
+
+def _stored_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a tensor that holds its values: one query row of a query-broadcast mask, else all of it."""
+    return tensor[:, :, :1] if _query_broadcast(tensor) else tensor
+
+
+def _static_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A buffer for a captured graph's input, as broadcast as the tensor (clone() would materialise every row)."""
+    return _stored_rows(tensor).clone().expand(tensor.shape) if _query_broadcast(tensor) else tensor.clone()
 
 
 def _tensors(inputs: dict):
