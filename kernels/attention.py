@@ -31,12 +31,14 @@ softmax statistics and accumulator, one pass over the keys with an online softma
   mask, each program first scans its query rows' mask (1 byte per (query, key), against 2 * D bytes per key
   for K) for the first and last allowed key, so left padding and unused static-cache slots cost no MMA.
 - Split keys (flash-decoding): when the grid has fewer programs than the GPU has SMs (batch 1 with a
-  256-token canvas: 64 programs at D 256), KV_SPLITS programs share one block of rows, each taking an equal
-  share of the key blocks left after the bounds above. They write unnormalised fp32 partials with their row
+  256-token canvas: 32 programs at D 256, 64 at D 512), KV_SPLITS programs share one block of rows, each
+  taking an equal share of the key blocks left after the bounds above. They write unnormalised fp32 partials with their row
   max and sum, and `_combine_splits_kernel` merges them in split order (deterministic, no atomics).
 
-The host wrapper only reads shapes, strides and dtypes: no host synchronisation, so it can be captured in a
-CUDA graph (compile the kernel once outside the capture).
+The host wrapper reads shapes, strides, dtypes and the device's SM count, and allocates the split keys' fp32
+scratch (from the graph's pool under capture): no host synchronisation, so it can be captured in a CUDA graph
+(compile the kernel once outside the capture, with the same strides: Triton specialises integer arguments
+on divisibility by 16).
 """
 
 from __future__ import annotations
@@ -223,16 +225,16 @@ def _attention_kernel(
         tl.store(o_base + o_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
     else:
         # Partials [KV_SPLITS, packed rows of all (batch, kv head), HEAD_DIM]; stats [KV_SPLITS, 2, rows].
-        total_rows = tl.num_programs(1) * Lq * GROUP
-        part_rows = (pid_s * total_rows + pid_bh * Lq * GROUP + rows).to(tl.int64)
+        total_rows = tl.num_programs(1).to(tl.int64) * Lq * GROUP  # int64: times the split index below
+        part_rows = pid_s * total_rows + pid_bh * Lq * GROUP + rows
         tl.store(part_ptr + part_rows[:, None] * HEAD_DIM + out_dims[None, :], acc, mask=row_valid[:, None])
-        stats_rows = pid_s.to(tl.int64) * 2 * total_rows + pid_bh * Lq * GROUP + rows
+        stats_rows = pid_s * 2 * total_rows + pid_bh * Lq * GROUP + rows
         if pid_d == 0:  # every output-column program has the same statistics
             tl.store(stats_ptr + stats_rows, m_i, mask=row_valid)
             tl.store(stats_ptr + stats_rows + total_rows, l_i, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_rows"])  # a runtime int, cast to int64 below (never a constexpr 1)
 def _combine_splits_kernel(
     part_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, stride_om, num_kv_heads, Lq, total_rows,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -242,6 +244,7 @@ def _combine_splits_kernel(
     split saw an allowed key."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # packed rows of all (batch, kv head)
     row_valid = rows < total_rows
+    total_rows = total_rows.to(tl.int64)  # times the split index below
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = tl.full([BLOCK_R], -float("inf"), dtype=tl.float32)
     for s in tl.static_range(KV_SPLITS):
@@ -253,7 +256,7 @@ def _combine_splits_kernel(
         weight = tl.math.exp2(tl.load(stats_ptr + s * 2 * total_rows + rows, mask=row_valid, other=-float("inf"))
                               - m_ref)
         l_sum += weight * tl.load(stats_ptr + (s * 2 + 1) * total_rows + rows, mask=row_valid, other=0.0)
-        part_rows = (s * total_rows + rows).to(tl.int64)
+        part_rows = s * total_rows + rows
         part = tl.load(part_ptr + part_rows[:, None] * HEAD_DIM + dims[None, :], mask=row_valid[:, None], other=0.0)
         acc += weight[:, None] * part
     out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None]
@@ -305,8 +308,9 @@ def _check_config(config, head_dim: int) -> tuple[int, int, int, int, int]:
 
 
 def auto_kv_splits(programs: int, kv_len: int, sm_count: int) -> int:
-    """Key splits that let a grid of `programs` fill `sm_count` SMs, each split keeping at least
-    _MIN_KEYS_PER_SPLIT keys (sm_count 0, off CUDA: no split)."""
+    """Key splits that let a grid of `programs` fill `sm_count` SMs, with at least _MIN_KEYS_PER_SPLIT of the
+    `kv_len` keys a split (the keys a program visits after its mask and causal bounds can be fewer: a split
+    may get one block, or none). sm_count 0, off CUDA: no split."""
     return max(1, min(sm_count // max(programs, 1), kv_len // _MIN_KEYS_PER_SPLIT, _MAX_KV_SPLITS))
 
 

@@ -233,11 +233,26 @@ def test_split_keys_match_reference(q_heads, kv_heads, q_len, kv_len, head_dim, 
     assert rel_err(got, whole.double().cpu()) < TOLERANCE[dtype]
 
 
+class _KernelSpy:
+    """Records the KEY_MASK specialisation of each `_attention_kernel` launch."""
+
+    def __init__(self, kernel_fn):
+        self.kernel_fn, self.key_mask = kernel_fn, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.key_mask.append(kwargs["KEY_MASK"])
+            return self.kernel_fn[grid](*args, **kwargs)
+        return launch
+
+
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
 @pytest.mark.parametrize("kv_splits", [1, 3])
-def test_query_broadcast_mask_reads_one_row(mask_dtype, kv_splits):
+def test_query_broadcast_mask_reads_one_row(mask_dtype, kv_splits, monkeypatch):
     """A mask expanded over the queries (stride 0) takes the one-row path: the same numbers, bit for bit, as the
     same mask made contiguous (the [rows, keys] tile path), and the reference."""
+    spy = _KernelSpy(kernel._attention_kernel)
+    monkeypatch.setattr(kernel, "_attention_kernel", spy)
     generator = torch.Generator().manual_seed(11 + kv_splits)
     q, k, v = make_qkv(2, 8, 2, 7, 83, 64, torch.float32, generator)
     keep = padding_mask(2, 1, 83, generator, left=(0, 13), unused=6)
@@ -248,6 +263,7 @@ def test_query_broadcast_mask_reads_one_row(mask_dtype, kv_splits):
     assert mask.stride(2) == 0
     got = run_poisoned(q, k, v, mask, config=SMALL, kv_splits=kv_splits)
     assert torch.equal(got, flash_attention(q, k, v, mask.contiguous(), config=SMALL, kv_splits=kv_splits))
+    assert spy.key_mask == [True, False]  # one row, then the tiles
     assert rel_err(got, reference(q, k, v, mask)) < 1e-5
 
 
@@ -314,7 +330,8 @@ def test_registered_with_transformers():
 def _prefill_and_steps(model, config, input_ids, attention_mask, canvases):
     """Encoder prefill + first decoder pass on a padded batch, then a decoder step over the cache (on DEVICE)."""
     model = model.to(DEVICE)
-    input_ids, attention_mask, canvases = input_ids.to(DEVICE), attention_mask.to(DEVICE), [c.to(DEVICE) for c in canvases]
+    input_ids, attention_mask = input_ids.to(DEVICE), attention_mask.to(DEVICE)
+    canvases = [c.to(DEVICE) for c in canvases]
     decoder_attention_mask = F.pad(attention_mask, (0, config.canvas_length), value=1)
     cache = DynamicCache(config=config.get_text_config(decoder=True))
     prefill = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
@@ -523,14 +540,16 @@ def test_eval_script_parses_arguments_on_cpu():
 # -- GPU only -------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("one_row", [False, True])  # True: the decoder's mask as the engine passes it
 @pytest.mark.parametrize("batch", [1, 2])  # batch 1 splits the keys (fewer programs than SMs)
 @pytest.mark.parametrize("q_heads, kv_heads, head_dim", [(16, 2, 512), (16, 8, 256)])
-def test_gpu_real_shapes_bf16_and_cuda_graph(q_heads, kv_heads, head_dim, batch):
-    """bf16 at DiffusionGemma's shapes (canvas 256 over 4352 keys, padding), and capture in a CUDA graph."""
+def test_gpu_real_shapes_bf16_and_cuda_graph(q_heads, kv_heads, head_dim, batch, one_row):
+    """bf16 at DiffusionGemma's shapes (canvas 256 over 4345 keys, padding), and capture in a CUDA graph."""
     generator = torch.Generator().manual_seed(0)
-    q, k, v = make_qkv(batch, q_heads, kv_heads, 256, 4352, head_dim, torch.bfloat16, generator)
+    q, k, v = make_qkv(batch, q_heads, kv_heads, 256, 4345, head_dim, torch.bfloat16, generator)
     q = q / head_dim**0.25
-    mask = padding_mask(batch, 256, 4352, generator, left=(0, 300), unused=96).cuda()
+    mask = padding_mask(batch, 1 if one_row else 256, 4345, generator, left=(0, 300), unused=96).cuda()
+    mask = mask.contiguous().expand(batch, 1, 256, 4345) if one_row else mask
     want = reference(q, k, v, mask, scaling=1.0)
     got = run_poisoned(q, k, v, mask, scaling=1.0)
     assert rel_err(got, want) < TOLERANCE[torch.bfloat16]

@@ -124,7 +124,8 @@ def test_stop_decisions_match_upstream(stability):
     argmax = torch.randint(0, 3, (4, 6), generator=generator)
     for step in range(8):
         if step % 3:  # sometimes repeat the canvas so stability can trigger
-            argmax = torch.where(torch.rand(4, 6, generator=generator) < 0.2, torch.randint(0, 3, (4, 6), generator=generator), argmax)
+            flips = torch.rand(4, 6, generator=generator) < 0.2
+            argmax = torch.where(flips, torch.randint(0, 3, (4, 6), generator=generator), argmax)
         logits = torch.randn(4, 6, 9, generator=generator) * (step + 1)
         entropy = torch.distributions.Categorical(logits=logits).entropy()
         want = upstream(argmax.clone(), logits)
@@ -429,7 +430,7 @@ def test_decoder_masks_are_one_row_expanded(tokenizer):
 def test_static_mask_buffers_keep_a_query_broadcast_mask_broadcast():
     """A captured graph's copy of the decoder's mask (expanded over the queries) stays one row, so the attention
     kernel keeps reading one row; refreshing it from a new mask updates every query."""
-    from dgemma_hf.generation.engine import _mask_shapes, _static_copy, _stored_rows
+    from dgemma_hf.generation.engine import _mask_shapes, _one_row, _static_copy, _stored_rows
 
     row = torch.tensor([[False, True, True, False], [True, True, True, False]])[:, None, None, :]
     mask = row.expand(2, 1, 5, 4)
@@ -441,3 +442,11 @@ def test_static_mask_buffers_keep_a_query_broadcast_mask_broadcast():
     full = mask.contiguous()  # a mask with rows of its own is copied whole
     assert _static_copy(full).stride(2) == 4
     assert _mask_shapes({"a": mask}) != _mask_shapes({"a": full})  # a graph is never reused across the two
+    # The engine's one-row mask and its graph buffer have the same strides (Triton specialises on them: a new
+    # stride would compile a kernel inside the capture), also for a key length that is not a multiple of 16.
+    decoder = torch.ones(2, 1, 5, 21, dtype=torch.bool)
+    decoder[1, :, :, :3] = False
+    eager = _one_row(decoder)
+    assert eager.stride() == _static_copy(eager).stride() == (21, 21, 0, 1) and torch.equal(eager, decoder)
+    two_d = decoder[:, 0, 0]  # a 2D mask (flash attention's) and no mask pass as they are
+    assert _one_row(two_d) is two_d and _one_row(None) is None

@@ -535,10 +535,7 @@ class DenoisingEngine:
                     config=model.config, inputs_embeds=start.unsqueeze(-1), past_key_values=self.cache,
                     decoder_attention_mask=decoder_attention_mask,
                 )
-                # Padding only, so every canvas query has the same mask row: one row, expanded (a view), lets the
-                # attention kernel read a vector a key tile instead of a [queries, keys] tile.
-                self.mask_mapping = {kind: None if mask is None else mask[:, :, :1].expand(mask.shape)
-                                     for kind, mask in masks.items()}
+                self.mask_mapping = {kind: _one_row(mask) for kind, mask in masks.items()}
                 self._start_canvas(start, sc_logits if canvas_index == 0 else None, canvas_index)
             with _phase("denoise"):
                 if self.sampling == "fused":
@@ -590,8 +587,20 @@ def _mask_shapes(masks: dict) -> tuple:
                  for kind, mask in sorted(masks.items()))
 
 
+def _one_row(mask):
+    """The decoder's mask is padding only (upstream builds it from `bidirectional_mask_function`), so every canvas
+    query has the same row: a 4D one becomes that row, stored once and expanded over the queries, which the
+    attention kernel reads as a vector a key tile instead of [queries, keys] tiles. Stored compactly (not a
+    view of the full mask) so the first, eager step and the captured one pass the kernel the same strides (a
+    new stride would compile a new kernel inside the capture). Other masks (None, 2D, a flex BlockMask) as
+    they are."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or mask.shape[2] == 1:
+        return mask
+    return mask[:, :, :1].contiguous().expand(mask.shape)
+
+
 def _query_broadcast(tensor: torch.Tensor) -> bool:
-    """A 4D mask expanded over its queries (the decoder's, see `_run`)."""
+    """A 4D mask expanded over its queries (the decoder's, see `_one_row`)."""
     return tensor.ndim == 4 and tensor.shape[2] > 1 and tensor.stride(2) == 0
 
 
