@@ -27,6 +27,7 @@ from transformers import AutoModel, AutoTokenizer, DistributedConfig, pipeline
 import dgemma_hf
 from dgemma_hf import DiffusionGemmaForMaskedGeneration, fused_layers
 from dgemma_hf.distributed import (
+    ExpertShard,
     check_world_size,
     parallel_plans,
     tensor_plan,
@@ -85,21 +86,27 @@ def worker(checkpoint: str, out_dir: str) -> None:
         "decoder_layer": type(decoder.layers[0]).__name__,
     }
     # The split layers keep the fused forward (local shards, all-reduces in the regions): count its calls.
-    fused_calls = []
-    fused_forward = fused_layers.fused_forward
+    # The experts' partial outputs are summed with the MLP's in one all-reduce: count the layers that did so.
+    fused_calls, summed_together = [], []
+    fused_forward, partial_sums = fused_layers.fused_forward, ExpertShard.partial_sums
 
     def counting(layer, projections, *args, **kwargs):
         fused_calls.append(projections["group"] is not None)
         return fused_forward(layer, projections, *args, **kwargs)
 
-    fused_layers.fused_forward = counting
+    def counting_partial_sums(shard):
+        summed_together.append(shard)
+        return partial_sums(shard)
+
+    fused_layers.fused_forward, ExpertShard.partial_sums = counting, counting_partial_sums
     try:
         # A different torch seed on each rank: generate() must hand rank 0's random state to every rank.
         result["reference"] = _reference(model, tokenizer, SEED + 100 * rank)
     finally:
-        fused_layers.fused_forward = fused_forward
+        fused_layers.fused_forward, ExpertShard.partial_sums = fused_forward, partial_sums
     result["layout"]["fused_calls"] = len(fused_calls)
     result["layout"]["fused_calls_split"] = sum(fused_calls)
+    result["layout"]["experts_summed_with_mlp"] = len(summed_together)
     result["fused"] = _fused(model, tokenizer)
     result["pipeline"] = _pipeline(model, tokenizer)
     try:
@@ -181,6 +188,8 @@ def test_two_ranks_split_the_model(two_ranks):
         assert layout["decoder_layer"] == "FusedDecoderLayer"
         # Every decoder step and canvas commit went through the fused regions, all on the split projections.
         assert layout["fused_calls"] > 0 and layout["fused_calls_split"] == layout["fused_calls"]
+        # ... and each summed its experts' partial outputs with its MLP's in one all-reduce.
+        assert layout["experts_summed_with_mlp"] == layout["fused_calls"]
     assert all(rank["nvfp4_expert_rows"] == 2 for rank in ranks)
 
 

@@ -26,12 +26,13 @@ vocabulary), so the tied weights share one placement. On N ranks:
   [r E/N, (r+1) E/N) (bf16 parameters, or NVFP4 buffers, which are cut to the local experts at the first
   forward). Routing runs identically on every rank; each rank zeroes the routing weights of the other ranks'
   experts, runs its experts with the model's experts backend (the Triton kernels on CUDA), and one all-reduce
-  sums the N partial outputs. No token moves and nothing is read back, so the engine's captured denoising step
-  includes the collectives. Routes to other ranks' experts carry the sentinel id E/N, which the backends skip:
-  each rank reads only its own experts' weights and does only their arithmetic.
+  sums the N partial outputs (in the fused layers, the same all-reduce as the dense MLP's partial sums). No
+  token moves and nothing is read back, so the engine's captured denoising step includes the collectives.
+  Routes to other ranks' experts carry the sentinel id E/N, which the backends skip: each rank reads only its
+  own experts' weights and does only their arithmetic.
 - router, norms, rotary tables, vision tower: replicated. The text layers keep dgemma_hf's fused forward: it
-  reads each projection's local shard and runs the all-reduces after o_proj and the MLP's down_proj inside its
-  compiled regions (`fused_layers`), so the captured step holds them too.
+  reads each projection's local shard and runs the all-reduces (after o_proj; after the MLP's down_proj and the
+  experts, summed in one) inside its compiled regions (`fused_layers`), so the captured step holds them too.
 
 Every rank runs the same sampler on the same (all-reduced, so identical) logits: `prepare_generate` (called by
 generate()) checks that every rank got the same prompt and copies rank 0's random state to the others before
@@ -41,6 +42,8 @@ sampling="reference" only (a CUDA graph is captured on one device); `prepare_gen
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -354,7 +357,10 @@ class ExpertShard:
         self.local = self.total // world
         self.rank = mesh.get_local_rank()
         self.group = _group(mesh)
+        self.ranks = tuple(dist.get_process_group_ranks(self.group))
+        self.reduce = True
         experts._is_expert_parallel = True  # transformers' experts functions then skip the sentinel id
+        experts._dgemma_expert_shard = self  # the fused layers sum its output with the MLP's (`partial_sums`)
 
     def __call__(self, run, hidden_states, top_k_index, top_k_weights):
         """`run` is the experts' own forward (the model's experts backend) on local tensors."""
@@ -363,8 +369,19 @@ class ExpertShard:
         mine = (local_index >= 0) & (local_index < self.local)
         local_index = torch.where(mine, local_index, self.local)  # the sentinel
         out = run(hidden_states, local_index, top_k_weights.masked_fill(~mine, 0.0))
-        dist.all_reduce(out, group=self.group)
+        if self.reduce:
+            dist.all_reduce(out, group=self.group)
         return out
+
+    @contextlib.contextmanager
+    def partial_sums(self):
+        """Within, the experts return this rank's partial output: the caller sums it over `self.ranks` (the fused
+        layers do it in one all-reduce with the dense MLP's, one collective a layer fewer)."""
+        self.reduce = False
+        try:
+            yield
+        finally:
+            self.reduce = True
 
 
 def _cut_buffers(experts: nn.Module, total: int, start: int, local: int) -> None:
@@ -387,7 +404,7 @@ class ExpertParallel(TensorParallelLayer):
     def install_forward(self, module, mesh):
         if getattr(module, "_dgemma_expert_shard", None) is not None:  # NVFP4 experts: one module, two stacks
             return module
-        shard = module._dgemma_expert_shard = ExpertShard(module, mesh)
+        shard = ExpertShard(module, mesh)
         original = module.forward
 
         def forward(hidden_states, top_k_index, top_k_weights):

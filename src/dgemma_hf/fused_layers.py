@@ -7,12 +7,13 @@ forward here computes upstream's arithmetic op for op, cut into three pure funct
 1. `attention_inputs`: input norm, q/k/v projections, q/k/v norms, rotary embeddings;
 2. `feed_forward`: o_proj, post-attention norm and residual, dense MLP, router scores, experts' input norm;
    then `router_top_k` (on CUDA one Triton launch) picks the experts;
-3. `layer_output`: the experts' output norm, the sum with the MLP branch, the last norm, residual, layer scalar.
+3. `layer_output`: the MLP's and the experts' output norms, their sum, the last norm, residual, layer scalar.
 
 Attention (with the cache read, through `DecoderAttention`, which fixes upstream's read of a full sliding-window
 StaticCache) and the experts stay outside, on their backends. A layer split over ranks by dgemma_hf.distributed
-(its plan: heads split, MLP colwise/rowwise) runs the same regions on its local shards, with the all-reduces
-after o_proj and the MLP's down_proj inside `feed_forward` (functional collectives, so they are compiled and
+(its plan: heads split, MLP colwise/rowwise) runs the same regions on its local shards, with the all-reduce
+after o_proj inside `feed_forward` and the one summing the MLP's down_proj with the experts' partial outputs
+(experts split over the same ranks) inside `layer_output` (functional collectives, so they are compiled and
 captured with the rest). On CUDA each region is compiled once by
 torch.compile (inductor fuses the elementwise chains); the regions touch no layer index, so
 every layer of one attention type shares one compiled graph, and each (batch, dtype, attention type, split)
@@ -71,19 +72,20 @@ def _row_parallel(x, weight, group):
     return out if group is None else funcol.all_reduce(out, "sum", group)
 
 
-def feed_forward(attn_output, residual, weights, eps, scalar_root, group=None):
-    """o_proj, post-attention norm and residual, the dense MLP (GELU-tanh), the experts' input norm and
-    upstream's DiffusionGemmaTextRouter.forward up to its softmax (`router_top_k` does the rest). `group`: the
-    ranks a tensor-parallel layer is split over."""
+def feed_forward(attn_output, residual, weights, eps, scalar_root, group=None, mlp_group=None):
+    """o_proj, post-attention norm and residual, the dense MLP (GELU-tanh) up to its down_proj, the experts' input
+    norm and upstream's DiffusionGemmaTextRouter.forward up to its softmax (`router_top_k` does the rest).
+    `group`: the ranks a tensor-parallel layer is split over; `mlp_group`: the ranks the MLP's output is summed
+    over here (None: its partial sum is returned, for `layer_output` to sum with the experts')."""
     hidden_states = _row_parallel(attn_output.reshape(*residual.shape[:-1], -1), weights["o_proj"], group)
     residual = residual + rms_norm(hidden_states, weights["post_attention_norm"], eps)
     x = rms_norm(residual, weights["pre_feedforward_norm"], eps)
     mlp = F.gelu(F.linear(x, weights["gate_proj"]), approximate="tanh") * F.linear(x, weights["up_proj"])
-    dense = rms_norm(_row_parallel(mlp, weights["down_proj"], group), weights["post_feedforward_norm_1"], eps)
+    mlp = _row_parallel(mlp, weights["down_proj"], mlp_group)
     flat = residual.reshape(-1, residual.shape[-1])
     experts_input = rms_norm(flat, weights["pre_feedforward_norm_2"], eps)
     scores = F.linear(rms_norm(flat, None, eps) * weights["router_scale"] * scalar_root, weights["router_proj"])
-    return residual, dense, experts_input, F.softmax(scores, dim=-1, dtype=torch.float32)
+    return residual, mlp, experts_input, F.softmax(scores, dim=-1, dtype=torch.float32)
 
 
 def router_top_k(probs, top_k, per_expert_scale):
@@ -104,9 +106,16 @@ def upstream_router_top_k(probs, top_k, per_expert_scale):
     return top_k_weights * per_expert_scale[top_k_index], top_k_index
 
 
-def layer_output(residual, dense, experts_output, post_feedforward_norm_2, post_feedforward_norm, layer_scalar, eps):
-    experts_output = rms_norm(experts_output.reshape(residual.shape), post_feedforward_norm_2, eps)
-    hidden_states = residual + rms_norm(dense + experts_output, post_feedforward_norm, eps)
+def layer_output(residual, mlp, experts_output, norms, layer_scalar, eps, group=None):
+    """The MLP's and the experts' output norms, their sum, the last norm, residual and layer scalar. `group`: the
+    ranks whose partial MLP and experts outputs are summed here, in one all-reduce (one collective, not two).
+    `norms`: post_feedforward_layernorm_1, _2 and post_feedforward_layernorm's weights."""
+    experts_output = experts_output.reshape(residual.shape)
+    if group is not None:
+        mlp, experts_output = funcol.all_reduce(torch.stack((mlp, experts_output)), "sum", group).unbind(0)
+    dense = rms_norm(mlp, norms[0], eps)
+    experts_output = rms_norm(experts_output, norms[1], eps)
+    hidden_states = residual + rms_norm(dense + experts_output, norms[2], eps)
     hidden_states *= layer_scalar  # in place, as upstream: keeps the activations' dtype (the scalar is fp32)
     return hidden_states
 
@@ -309,18 +318,25 @@ def fused_forward(layer, projections, hidden_states, position_embeddings, attent
         "o_proj": projections["o_proj"], "post_attention_norm": layer.post_attention_layernorm.weight,
         "pre_feedforward_norm": layer.pre_feedforward_layernorm.weight, "gate_proj": projections["gate_proj"],
         "up_proj": projections["up_proj"], "down_proj": projections["down_proj"],
-        "post_feedforward_norm_1": layer.post_feedforward_layernorm_1.weight,
         "pre_feedforward_norm_2": layer.pre_feedforward_layernorm_2.weight, "router_scale": router.scale,
         "router_proj": projections["router_proj"],
     }
-    residual, dense, experts_input, probs = compiled_region(feed_forward, device)(
-        attn_output, hidden_states, weights, eps, router.scalar_root_size, projections["group"],
+    group = projections["group"]
+    # Experts split over the layer's ranks (dgemma_hf.distributed.ExpertShard) return partial sums here, added
+    # up with the MLP's in one all-reduce.
+    shard = getattr(layer.experts, "_dgemma_expert_shard", None)
+    summed_together = (group is not None and shard is not None
+                       and shard.ranks == tuple(torch.distributed.get_process_group_ranks(group)))
+    residual, mlp, experts_input, probs = compiled_region(feed_forward, device)(
+        attn_output, hidden_states, weights, eps, router.scalar_root_size, group, None if summed_together else group,
     )
     top_k_weights, top_k_index = router_top_k(probs, router.config.top_k_experts, router.per_expert_scale)
-    experts_output = layer.experts(experts_input, top_k_index, top_k_weights)
+    with shard.partial_sums() if summed_together else contextlib.nullcontext():
+        experts_output = layer.experts(experts_input, top_k_index, top_k_weights)
+    norms = (layer.post_feedforward_layernorm_1.weight, layer.post_feedforward_layernorm_2.weight,
+             layer.post_feedforward_layernorm.weight)
     return compiled_region(layer_output, device)(
-        residual, dense, experts_output, layer.post_feedforward_layernorm_2.weight,
-        layer.post_feedforward_layernorm.weight, layer.layer_scalar, eps,
+        residual, mlp, experts_output, norms, layer.layer_scalar, eps, group if summed_together else None,
     )
 
 
