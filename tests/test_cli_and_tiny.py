@@ -36,7 +36,8 @@ def test_tiny_tokenizer_is_real_and_round_trips(tokenizer):
     ids = tokenizer(text)["input_ids"]
     assert len(ids) < len(text.encode())  # merges were learned
     assert tokenizer.decode(ids) == text  # byte-level: lossless, also outside the corpus
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
     assert chat == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) == (0, 1, 2)
 

@@ -34,7 +34,8 @@ def test_triton_experts_model_matches_eager(variant, tokenizer):
     config = variant_config(variant)
     ours, reference = build_pair(config, tokenizer, seed=5)
     input_ids, attention_mask = left_padded_batch(tokenizer, ["Why is the sky blue?", "Tom has 3 apples."])
-    canvas = torch.randint(config.text_config.vocab_size, (2, config.canvas_length), generator=torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(2)
+    canvas = torch.randint(config.text_config.vocab_size, (2, config.canvas_length), generator=generator)
     reference.set_experts_implementation("eager")
     want = _logits(reference, input_ids, attention_mask, canvas)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,7 +52,8 @@ def test_dgemma_backend_on_cpu_is_upstream_grouped_mm(tokenizer):
     upstream.set_experts_implementation("grouped_mm")
     input_ids, attention_mask = left_padded_batch(tokenizer, ["Why is the sky blue?"])
     canvas = torch.randint(config.text_config.vocab_size, (1, config.canvas_length))
-    assert torch.equal(_logits(ours, input_ids, attention_mask, canvas), _logits(upstream, input_ids, attention_mask, canvas))
+    assert torch.equal(_logits(ours, input_ids, attention_mask, canvas),
+                       _logits(upstream, input_ids, attention_mask, canvas))
 
 
 def test_triton_applies_only_to_inference_on_cuda():

@@ -77,7 +77,8 @@ def test_save_pretrained_round_trips(saved, tmp_path):
     again, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     _assert_same_weights(model, again)
-    assert again.config.to_diff_dict() | {"_name_or_path": None} == model.config.to_diff_dict() | {"_name_or_path": None}
+    unnamed = {"_name_or_path": None}
+    assert again.config.to_diff_dict() | unnamed == model.config.to_diff_dict() | unnamed
     assert again.generation_config.to_dict() == model.generation_config.to_dict()
 
 

@@ -140,7 +140,8 @@ def test_scheduler_by_name_with_its_kwargs(pipe, model, tokenizer):
     assert named[0]["generated_token_ids"] == direct.sequences[0].tolist()
     # Given when the pipeline is built, they are every call's defaults.
     configured = pipeline("text-diffusion", model=model, tokenizer=tokenizer, device="cpu",
-                          scheduler="confidence_threshold", scheduler_kwargs={"threshold": 0.3, "num_inference_steps": 2},
+                          scheduler="confidence_threshold",
+                          scheduler_kwargs={"threshold": 0.3, "num_inference_steps": 2},
                           max_new_tokens=16, return_tensors=True)
     assert configured("Hi", seed=1) == named
 

@@ -111,7 +111,8 @@ def test_expert_parallel_sentinel_routes_are_skipped(implementation):
     want = _dense_reference(hidden, index.masked_fill(sentinel, 0), weights * kept, *decoded)
     if implementation == "dgemma_triton":  # the kernel: on the GPU where there is one, else interpreted
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        experts, hidden, index, weights = experts.to(device), hidden.half().to(device), index.to(device), weights.to(device)
+        experts, hidden = experts.to(device), hidden.half().to(device)
+        index, weights = index.to(device), weights.to(device)
     got = experts(hidden, index, weights).cpu()
     assert torch.isfinite(got).all()
     assert ((got.double() - want).norm() / want.norm()).item() < (1e-2 if implementation == "dgemma_triton" else 1e-6)
