@@ -7,6 +7,7 @@ wrote with the same calls in the test's own process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -67,6 +68,30 @@ def _pipeline(model, tokenizer):
 # -- the torchrun worker -------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _counted_layers():
+    """Counts the fused layer calls, those on split projections (the split layers keep the fused forward:
+    local shards, all-reduces in the regions) and those whose experts' partial outputs were summed with the
+    MLP's in one all-reduce (`ExpertShard.partial_sums`)."""
+    counts = {"fused_calls": 0, "fused_calls_split": 0, "experts_summed_with_mlp": 0}
+    fused_forward, partial_sums = fused_layers.fused_forward, ExpertShard.partial_sums
+
+    def counting(layer, projections, *args, **kwargs):
+        counts["fused_calls"] += 1
+        counts["fused_calls_split"] += projections["group"] is not None
+        return fused_forward(layer, projections, *args, **kwargs)
+
+    def counting_partial_sums(shard):
+        counts["experts_summed_with_mlp"] += 1
+        return partial_sums(shard)
+
+    fused_layers.fused_forward, ExpertShard.partial_sums = counting, counting_partial_sums
+    try:
+        yield counts
+    finally:
+        fused_layers.fused_forward, ExpertShard.partial_sums = fused_forward, partial_sums
+
+
 def worker(checkpoint: str, out_dir: str) -> None:
     rank = int(os.environ["RANK"])
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -85,28 +110,10 @@ def worker(checkpoint: str, out_dir: str) -> None:
         "tied": model.model.encoder.language_model.layers[1].experts.down_proj is decoder.layers[1].experts.down_proj,
         "decoder_layer": type(decoder.layers[0]).__name__,
     }
-    # The split layers keep the fused forward (local shards, all-reduces in the regions): count its calls.
-    # The experts' partial outputs are summed with the MLP's in one all-reduce: count the layers that did so.
-    fused_calls, summed_together = [], []
-    fused_forward, partial_sums = fused_layers.fused_forward, ExpertShard.partial_sums
-
-    def counting(layer, projections, *args, **kwargs):
-        fused_calls.append(projections["group"] is not None)
-        return fused_forward(layer, projections, *args, **kwargs)
-
-    def counting_partial_sums(shard):
-        summed_together.append(shard)
-        return partial_sums(shard)
-
-    fused_layers.fused_forward, ExpertShard.partial_sums = counting, counting_partial_sums
-    try:
+    with _counted_layers() as counts:
         # A different torch seed on each rank: generate() must hand rank 0's random state to every rank.
         result["reference"] = _reference(model, tokenizer, SEED + 100 * rank)
-    finally:
-        fused_layers.fused_forward, ExpertShard.partial_sums = fused_forward, partial_sums
-    result["layout"]["fused_calls"] = len(fused_calls)
-    result["layout"]["fused_calls_split"] = sum(fused_calls)
-    result["layout"]["experts_summed_with_mlp"] = len(summed_together)
+    result["counts"] = {"tp_plan": counts}
     result["fused"] = _fused(model, tokenizer)
     result["pipeline"] = _pipeline(model, tokenizer)
     try:
@@ -117,11 +124,13 @@ def worker(checkpoint: str, out_dir: str) -> None:
     del model
 
     ep = AutoModel.from_pretrained(checkpoint, distributed_config=DistributedConfig(tp_size=2, ep_size=2))
-    result["ep_reference"] = _reference(ep, tokenizer, SEED)
+    with _counted_layers() as result["counts"]["ep_size"]:
+        result["ep_reference"] = _reference(ep, tokenizer, SEED)
     del ep
 
     nvfp4 = AutoModel.from_pretrained(checkpoint, tp_plan="auto", quantization_config=dgemma_hf.NVFP4Config())
-    result["nvfp4_reference"] = _reference(nvfp4, tokenizer, SEED)
+    with _counted_layers() as result["counts"]["nvfp4"]:
+        result["nvfp4_reference"] = _reference(nvfp4, tokenizer, SEED)
     result["nvfp4_expert_rows"] = nvfp4.model.decoder.layers[0].experts.gate_up_packed.shape[0]
     del nvfp4
 
@@ -178,7 +187,8 @@ def one_process(two_ranks):
 
 def test_two_ranks_split_the_model(two_ranks):
     _, ranks = two_ranks
-    for layout in (rank["layout"] for rank in ranks):
+    for rank in ranks:
+        layout = rank["layout"]
         assert layout["q_rows"] == 2 * 16  # 2 of 4 query heads of head_dim 16
         assert layout["sliding_k_rows"] == 16  # 1 of 2 KV heads
         assert not layout["global_k_is_dtensor"] and layout["global_kv_groups"] == 2  # 1 KV head, replicated
@@ -187,9 +197,11 @@ def test_two_ranks_split_the_model(two_ranks):
         assert layout["tied"]
         assert layout["decoder_layer"] == "FusedDecoderLayer"
         # Every decoder step and canvas commit went through the fused regions, all on the split projections.
-        assert layout["fused_calls"] > 0 and layout["fused_calls_split"] == layout["fused_calls"]
-        # ... and each summed its experts' partial outputs with its MLP's in one all-reduce.
-        assert layout["experts_summed_with_mlp"] == layout["fused_calls"]
+        # ... and each summed its experts' partial outputs with its MLP's in one all-reduce, whichever way the
+        # model was split (tp_plan="auto", DistributedConfig(tp_size, ep_size), NVFP4 experts).
+        for counts in rank["counts"].values():
+            assert counts["fused_calls"] > 0
+            assert counts["fused_calls_split"] == counts["experts_summed_with_mlp"] == counts["fused_calls"]
     assert all(rank["nvfp4_expert_rows"] == 2 for rank in ranks)
 
 

@@ -76,7 +76,8 @@ def feed_forward(attn_output, residual, weights, eps, scalar_root, group=None, m
     """o_proj, post-attention norm and residual, the dense MLP (GELU-tanh) up to its down_proj, the experts' input
     norm and upstream's DiffusionGemmaTextRouter.forward up to its softmax (`router_top_k` does the rest).
     `group`: the ranks a tensor-parallel layer is split over; `mlp_group`: the ranks the MLP's output is summed
-    over here (None: its partial sum is returned, for `layer_output` to sum with the experts')."""
+    over here (None with a group: this rank's partial sum is returned, for `layer_output` to sum with the
+    experts'; None without one: the whole output)."""
     hidden_states = _row_parallel(attn_output.reshape(*residual.shape[:-1], -1), weights["o_proj"], group)
     residual = residual + rms_norm(hidden_states, weights["post_attention_norm"], eps)
     x = rms_norm(residual, weights["pre_feedforward_norm"], eps)
@@ -111,7 +112,7 @@ def layer_output(residual, mlp, experts_output, norms, layer_scalar, eps, group=
     ranks whose partial MLP and experts outputs are summed here, in one all-reduce (one collective, not two).
     `norms`: post_feedforward_layernorm_1, _2 and post_feedforward_layernorm's weights."""
     experts_output = experts_output.reshape(residual.shape)
-    if group is not None:
+    if group is not None:  # (every experts backend returns the activations' dtype: one stack, one payload)
         mlp, experts_output = funcol.all_reduce(torch.stack((mlp, experts_output)), "sum", group).unbind(0)
     dense = rms_norm(mlp, norms[0], eps)
     experts_output = rms_norm(experts_output, norms[1], eps)
@@ -325,8 +326,8 @@ def fused_forward(layer, projections, hidden_states, position_embeddings, attent
     # Experts split over the layer's ranks (dgemma_hf.distributed.ExpertShard) return partial sums here, added
     # up with the MLP's in one all-reduce.
     shard = getattr(layer.experts, "_dgemma_expert_shard", None)
-    summed_together = (group is not None and shard is not None
-                       and shard.ranks == tuple(torch.distributed.get_process_group_ranks(group)))
+    summed_together = group is not None and shard is not None and (
+        shard.group is group or shard.ranks == tuple(torch.distributed.get_process_group_ranks(group)))
     residual, mlp, experts_input, probs = compiled_region(feed_forward, device)(
         attn_output, hidden_states, weights, eps, router.scalar_root_size, group, None if summed_together else group,
     )
