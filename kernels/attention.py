@@ -31,9 +31,10 @@ softmax statistics and accumulator, one pass over the keys with an online softma
   mask, each program first scans its query rows' mask (1 byte per (query, key), against 2 * D bytes per key
   for K) for the first and last allowed key, so left padding and unused static-cache slots cost no MMA.
 - Split keys (flash-decoding): when the grid has fewer programs than the GPU has SMs (batch 1 with a
-  256-token canvas: 32 programs at D 256, 64 at D 512), KV_SPLITS programs share one block of rows, each
-  taking an equal share of the key blocks left after the bounds above. They write unnormalised fp32 partials with their row
-  max and sum, and `_combine_splits_kernel` merges them in split order (deterministic, no atomics).
+  256-token canvas: 32 programs at D 256, 64 at D 512), kv_splits programs share one block of rows, each
+  taking an equal share of the key blocks left after the bounds above. They write unnormalised fp32
+  partials with their row max and sum, and `_combine_splits_kernel` merges them in split order
+  (deterministic, no atomics).
 
 The host wrapper reads shapes, strides, dtypes and the device's SM count, and allocates the split keys' fp32
 scratch (from the graph's pool under capture): no host synchronisation, so it can be captured in a CUDA graph
@@ -101,7 +102,9 @@ def _mask_tile(mask_ptr, offsets, valid, MASK_KIND: tl.constexpr, mask_floor):
     return allowed, bias
 
 
-@triton.jit
+# kv_splits is a runtime argument (never specialised, not even at 1): one compiled kernel serves every split
+# count, so a cold first generate() compiles no extra variants for the decoder's, prefill's and commit's grids.
+@triton.jit(do_not_specialize=["kv_splits"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, stats_ptr,
     stride_qb, stride_qh, stride_qm,
@@ -109,11 +112,11 @@ def _attention_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om,
-    num_kv_heads, Lq, Lk, q_offset, window, qk_scale, mask_floor,
+    num_kv_heads, Lq, Lk, q_offset, window, qk_scale, mask_floor, kv_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRE_M: tl.constexpr, PRE_N: tl.constexpr,
     MASK_KIND: tl.constexpr, KEY_MASK: tl.constexpr, BOUND_BY_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-    WINDOWED: tl.constexpr, V_IS_K: tl.constexpr, IEEE_DOT: tl.constexpr, KV_SPLITS: tl.constexpr,
+    WINDOWED: tl.constexpr, V_IS_K: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -164,8 +167,8 @@ def _attention_kernel(
         lo = tl.maximum(lo, first_key)
         hi = tl.minimum(hi, last_key + 1)
     lo = (lo // BLOCK_N) * BLOCK_N  # aligned tiles; keys before the true start are masked below
-    if KV_SPLITS > 1:  # this program's equal share of the key blocks
-        share = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), KV_SPLITS) * BLOCK_N
+    if kv_splits > 1:  # this program's equal share of the key blocks
+        share = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), kv_splits) * BLOCK_N
         lo = lo + pid_s * share
         hi = tl.minimum(hi, lo + share)
 
@@ -217,14 +220,14 @@ def _attention_kernel(
             acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
 
-    if KV_SPLITS == 1:
+    if kv_splits == 1:
         # Rows that saw no allowed key have l = 0 and acc = 0: they store zeros.
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         o_base = out_ptr + batch.to(tl.int64) * stride_ob
         o_offsets = heads[:, None].to(tl.int64) * stride_oh + q_pos[:, None] * stride_om + out_dims[None, :]
         tl.store(o_base + o_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
     else:
-        # Partials [KV_SPLITS, packed rows of all (batch, kv head), HEAD_DIM]; stats [KV_SPLITS, 2, rows].
+        # Partials [kv_splits, packed rows of all (batch, kv head), HEAD_DIM]; stats [kv_splits, 2, rows].
         total_rows = tl.num_programs(1).to(tl.int64) * Lq * GROUP  # int64: times the split index below
         part_rows = pid_s * total_rows + pid_bh * Lq * GROUP + rows
         tl.store(part_ptr + part_rows[:, None] * HEAD_DIM + out_dims[None, :], acc, mask=row_valid[:, None])
@@ -234,11 +237,10 @@ def _attention_kernel(
             tl.store(stats_ptr + stats_rows + total_rows, l_i, mask=row_valid)
 
 
-@triton.jit(do_not_specialize=["total_rows"])  # a runtime int, cast to int64 below (never a constexpr 1)
+@triton.jit(do_not_specialize=["total_rows", "kv_splits"])  # runtime ints (total_rows is cast to int64 below)
 def _combine_splits_kernel(
-    part_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, stride_om, num_kv_heads, Lq, total_rows,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    part_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, stride_om, num_kv_heads, Lq, total_rows, kv_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over the splits, in split order; zeros where no
     split saw an allowed key."""
@@ -247,12 +249,12 @@ def _combine_splits_kernel(
     total_rows = total_rows.to(tl.int64)  # times the split index below
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = tl.full([BLOCK_R], -float("inf"), dtype=tl.float32)
-    for s in tl.static_range(KV_SPLITS):
+    for s in range(kv_splits):
         m = tl.maximum(m, tl.load(stats_ptr + s * 2 * total_rows + rows, mask=row_valid, other=-float("inf")))
     m_ref = tl.where(m == -float("inf"), 0.0, m)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for s in tl.static_range(KV_SPLITS):
+    for s in range(kv_splits):
         weight = tl.math.exp2(tl.load(stats_ptr + s * 2 * total_rows + rows, mask=row_valid, other=-float("inf"))
                               - m_ref)
         l_sum += weight * tl.load(stats_ptr + (s * 2 + 1) * total_rows + rows, mask=row_valid, other=0.0)
@@ -407,11 +409,11 @@ def flash_attention(
     if kv_splits is None:
         sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
         kv_splits = auto_kv_splits(grid[0] * grid[1] * grid[2], kv_len, sm_count)
-    part, stats = out, out  # unused unless the keys are split
     total_rows = batch * kv_heads * q_len * group
-    if kv_splits > 1:
-        part = torch.empty(kv_splits, total_rows, head_dim, dtype=torch.float32, device=q.device)
-        stats = torch.empty(kv_splits, 2, total_rows, dtype=torch.float32, device=q.device)
+    # fp32 scratch for split keys; unread without splits (a one-element stand-in of the same pointer type).
+    scratch_rows = total_rows if kv_splits > 1 else 0
+    part = torch.empty(max(kv_splits * scratch_rows * head_dim, 1), dtype=torch.float32, device=q.device)
+    stats = torch.empty(max(kv_splits * 2 * scratch_rows, 1), dtype=torch.float32, device=q.device)
     _attention_kernel[grid[:2] + (dv_split * kv_splits,)](
         q, k, v, mask_arg, out, part, stats,
         q.stride(0), q.stride(1), q.stride(2),
@@ -419,17 +421,17 @@ def flash_attention(
         v.stride(0), v.stride(1), v.stride(2),
         *mask_strides,
         out.stride(0), out.stride(1), out.stride(2),
-        kv_heads, q_len, kv_len, q_offset, sliding_window or 0, float(scaling) * _LOG2E, mask_floor,
+        kv_heads, q_len, kv_len, q_offset, sliding_window or 0, float(scaling) * _LOG2E, mask_floor, kv_splits,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_DV=head_dim // dv_split,
         BLOCK_M=block_m, BLOCK_N=block_n, PRE_M=pre_m, PRE_N=pre_n,
         MASK_KIND=mask_kind, KEY_MASK=key_mask, BOUND_BY_MASK=bool(mask_kind and bound_by_mask), CAUSAL=causal,
         WINDOWED=sliding_window is not None, V_IS_K=v_is_k, IEEE_DOT=q.dtype == torch.float32,
-        KV_SPLITS=kv_splits, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if kv_splits > 1:
         block_r, block_d = 32, min(head_dim, 128)
         _combine_splits_kernel[(triton.cdiv(total_rows, block_r), head_dim // block_d)](
-            part, stats, out, out.stride(0), out.stride(1), out.stride(2), kv_heads, q_len, total_rows,
-            GROUP=group, HEAD_DIM=head_dim, KV_SPLITS=kv_splits, BLOCK_R=block_r, BLOCK_D=block_d,
+            part, stats, out, out.stride(0), out.stride(1), out.stride(2), kv_heads, q_len, total_rows, kv_splits,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d,
         )
     return out
