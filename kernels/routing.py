@@ -153,7 +153,7 @@ def _take_largest(rank, probs, taken, cols, EXPERTS_BLOCK: tl.constexpr):
 @triton.jit
 def _top_k_kernel(
     probs_ptr, scale_ptr, weights_ptr, index_ptr, tokens, num_experts, stride_token,
-    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, EXPERTS_BLOCK: tl.constexpr,
+    TOP_K: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, EXPERTS_BLOCK: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, EXPERTS_BLOCK)
@@ -161,20 +161,24 @@ def _top_k_kernel(
     valid = row_valid[:, None] & (cols[None, :] < num_experts)
     probs = tl.load(probs_ptr + rows[:, None].to(tl.int64) * stride_token + cols[None, :], mask=valid, other=0.0)
     rank = tl.where(probs != probs, float("inf"), probs)  # NaN ranks highest, as in torch.topk
-    # Two identical selection sweeps: the first sums the chosen probabilities (in choice order), the second
-    # writes them normalised. Padding columns start out taken.
+    # One selection sweep; the k-th choice goes to column k of small [BLOCK_T, K_BLOCK] tiles, and the chosen
+    # probabilities are summed in choice order for the renormalisation. Padding columns start out taken.
+    slots = tl.arange(0, K_BLOCK)
+    chosen_values = tl.zeros((BLOCK_T, K_BLOCK), dtype=tl.float32)
+    chosen_experts = tl.zeros((BLOCK_T, K_BLOCK), dtype=tl.int32)
     total = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    taken = ~valid
-    for _ in tl.static_range(TOP_K):
-        chosen, value, taken = _take_largest(rank, probs, taken, cols, EXPERTS_BLOCK)
-        total += value
     taken = ~valid
     for k in tl.static_range(TOP_K):
         chosen, value, taken = _take_largest(rank, probs, taken, cols, EXPERTS_BLOCK)
-        scale = tl.load(scale_ptr + chosen, mask=row_valid, other=0.0).to(tl.float32)
-        out = rows.to(tl.int64) * TOP_K + k
-        tl.store(weights_ptr + out, value / total * scale, mask=row_valid)
-        tl.store(index_ptr + out, chosen.to(tl.int64), mask=row_valid)
+        total += value
+        slot = slots[None, :] == k
+        chosen_values = tl.where(slot, value[:, None], chosen_values)
+        chosen_experts = tl.where(slot, chosen[:, None], chosen_experts)
+    store = row_valid[:, None] & (slots[None, :] < TOP_K)
+    scale = tl.load(scale_ptr + chosen_experts, mask=store, other=0.0).to(tl.float32)
+    out = rows[:, None].to(tl.int64) * TOP_K + slots[None, :]
+    tl.store(weights_ptr + out, chosen_values / total[:, None] * scale, mask=store)
+    tl.store(index_ptr + out, chosen_experts.to(tl.int64), mask=store)
 
 
 def top_k_weights(probs: torch.Tensor, top_k: int, per_expert_scale: torch.Tensor):
@@ -202,6 +206,6 @@ def top_k_weights(probs: torch.Tensor, top_k: int, per_expert_scale: torch.Tenso
         block_t = max(1, min(16, 4096 // experts_block))
         _top_k_kernel[(triton.cdiv(tokens, block_t),)](
             probs, per_expert_scale, weights, index, tokens, experts, probs.stride(0),
-            TOP_K=top_k, BLOCK_T=block_t, EXPERTS_BLOCK=experts_block,
+            TOP_K=top_k, K_BLOCK=triton.next_power_of_2(top_k), BLOCK_T=block_t, EXPERTS_BLOCK=experts_block,
         )
     return weights, index
