@@ -611,7 +611,7 @@ def _stored_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 def _static_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A buffer for a captured graph's input, as broadcast as the tensor (clone() would materialise every row)."""
-    return _stored_rows(tensor).clone().expand(tensor.shape) if _query_broadcast(tensor) else tensor.clone()
+    return _stored_rows(tensor).clone().expand(tensor.shape)
 
 
 def _tensors(inputs: dict):
