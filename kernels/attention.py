@@ -167,10 +167,11 @@ def _attention_kernel(
         lo = tl.maximum(lo, first_key)
         hi = tl.minimum(hi, last_key + 1)
     lo = (lo // BLOCK_N) * BLOCK_N  # aligned tiles; keys before the true start are masked below
-    if kv_splits > 1:  # this program's equal share of the key blocks
-        share = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), kv_splits) * BLOCK_N
-        lo = lo + pid_s * share
-        hi = tl.minimum(hi, lo + share)
+    # This program's equal share of the key blocks (all of them at kv_splits 1). No branch on kv_splits: Triton
+    # 3.6 loses lo's alignment through an `if`, and then pipelines 1-byte mask loads it cannot lower.
+    share = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), kv_splits) * BLOCK_N
+    lo = lo + pid_s * share
+    hi = tl.minimum(hi, lo + share)
 
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
