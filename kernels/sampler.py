@@ -16,10 +16,15 @@ captured CUDA graph can change it between replays), with x = logits[r] * inv_tem
 Two kernels, so that enough programs stream the logits to fill the GPU:
 1. `_partial_kernel`, grid (R, splits): each program reads one contiguous slice of a row (a multiple of BLOCK_V),
    once, block by block with an online softmax, and writes the slice's max, s, sum(e * (x - m)), first argmax,
-   best Gumbel score and its index to a small workspace;
+   best Gumbel score and its index to a small workspace (`token_partials`);
 2. `_combine_kernel`, BLOCK_R rows per program: merges a row's slices in a fixed order (deterministic; ties go to
-   the earliest index) and writes the outputs.
+   the earliest index) and writes the outputs (`combine_partials`).
 Both work in base 2 (x scaled by log2(e)): exp2 and log2 are single instructions on the GPU.
+
+With the vocabulary split over ranks, each rank runs `token_partials` on its own columns (token ids and random
+words are those of the whole vocabulary, from `vocab_offset`), the ranks gather their small workspaces, and
+`combine_partials` merges them all in vocabulary order: the same tokens as one pass over the whole row, with no
+[R, V] logits ever gathered (`dgemma_hf.distributed.sample_tokens_over_ranks`).
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ def _gumbel2(bits, FAST_LOG2: tl.constexpr):
 @triton.jit
 def _partial_kernel(
     logits_ptr, stride_row, inv_temperature_ptr, seed_ptr, counter_ptr, stats_ptr, index_ptr,
-    V, CHUNK, ROWS_PER_SEED, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr, FAST_LOG2: tl.constexpr,
+    V, CHUNK, ROWS_PER_SEED, VOCAB_OFFSET, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr, FAST_LOG2: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -100,9 +105,10 @@ def _partial_kernel(
             logit = tl.load(row_ptr + idx)
         else:
             logit = tl.load(row_ptr + idx, mask=idx < V, other=-float("inf"))
-        # One Philox call per 4 tokens, word j to token 4k + j. The token group is the last counter word: the
-        # first rounds mix only the row's uniform words, computed once per program.
-        group = (v0 // 4 + tl.arange(0, BLOCK_V // 4)).to(tl.uint32)
+        # One Philox call per 4 tokens, word j to token 4k + j (token ids of the whole vocabulary: VOCAB_OFFSET
+        # is a multiple of 4). The token group is the last counter word: the first rounds mix only the row's
+        # uniform words, computed once per program.
+        group = ((VOCAB_OFFSET + v0) // 4 + tl.arange(0, BLOCK_V // 4)).to(tl.uint32)
         zero = group * 0
         w0, w1, w2, w3 = tl.philox(seed, zero + stream_lo, zero + stream_hi, zero, group)
         bits = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
@@ -133,22 +139,24 @@ def _partial_kernel(
     tl.store(stats_ptr + plane + slot, s)
     tl.store(stats_ptr + 2 * plane + slot, t)
     tl.store(stats_ptr + 3 * plane + slot, gumbel_best)
-    tl.store(index_ptr + slot, best_idx)
-    tl.store(index_ptr + plane + slot, gumbel_idx)
+    tl.store(index_ptr + slot, best_idx + VOCAB_OFFSET)
+    tl.store(index_ptr + plane + slot, gumbel_idx + VOCAB_OFFSET)
 
 
 @triton.jit
 def _combine_kernel(
     stats_ptr, index_ptr, inv_temperature_ptr, seed_ptr, counter_ptr,
     sampled_ptr, argmax_ptr, entropy_ptr, max_prob_ptr, log_norm_ptr, noise_ptr,
-    R, V, SPLITS, ROWS_PER_SEED, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    R, V, SPLITS, RANK_SPLITS, RANK_STRIDE, ROWS_PER_SEED, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    # Slice j of a row is slice j % RANK_SPLITS of rank j // RANK_SPLITS's workspace (RANK_STRIDE elements apart).
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     splits = tl.arange(0, BLOCK_S)
     ok = row_ok[:, None] & (splits < SPLITS)[None, :]
-    slot = rows[:, None] * SPLITS + splits[None, :]
-    plane = R * SPLITS
+    rank_base = (splits // RANK_SPLITS) * RANK_STRIDE + splits % RANK_SPLITS
+    slot = rank_base[None, :] + rows[:, None] * RANK_SPLITS
+    plane = R * RANK_SPLITS
     m = tl.load(stats_ptr + slot, mask=ok, other=-float("inf"))
     s = tl.load(stats_ptr + plane + slot, mask=ok, other=0.0)
     t = tl.load(stats_ptr + 2 * plane + slot, mask=ok, other=0.0)
@@ -182,6 +190,97 @@ def _combine_kernel(
     tl.store(noise_ptr + rows, noise.to(tl.int64) % V, mask=row_ok)
 
 
+def _check_scalars(logits, inv_temperature, seeds, counter, rows: int) -> None:
+    for name, tensor, dtype in (("inv_temperature", inv_temperature, torch.float32),
+                                ("counter", counter, torch.int64)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tensor.numel() != 1:
+            raise TypeError(f"{name} must be a one-element {dtype} tensor")
+        if tensor.device != logits.device:
+            raise ValueError(f"{name} is on {tensor.device}, logits on {logits.device}")
+    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.ndim != 1 or not seeds.numel():
+        raise TypeError("seeds must be a 1-D torch.int64 tensor [number of seeds]")
+    if rows % seeds.numel() or seeds.device != logits.device:
+        raise ValueError(f"seeds ({seeds.numel()} on {seeds.device}) must divide the {rows} rows, on {logits.device}")
+
+
+def token_partials(
+    logits: torch.Tensor,
+    inv_temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    counter: torch.Tensor,
+    vocab_offset: int = 0,
+    block_v: int = 2048,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """The first kernel on `logits` [R, V] fp32 (rows contiguous), columns `vocab_offset` .. `vocab_offset` + V of
+    the vocabulary (a multiple of 4: tokens take their random words in fours). Returns the workspace, fp32
+    [6, R, splits]: max, s, t and best Gumbel score per slice, then (int32 bits) the argmax and the sample.
+    See `sample_tokens` for the other arguments."""
+    if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or logits.ndim != 2:
+        raise TypeError("logits must be a float32 torch.Tensor [rows, vocab]")
+    if logits.stride(1) != 1:
+        raise ValueError("logits must be contiguous along the vocabulary")
+    rows, vocab = logits.shape
+    _check_scalars(logits, inv_temperature, seeds, counter, rows)
+    if splits is not None and not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"splits must be in [1, {MAX_SPLITS}], got {splits}")
+    if block_v < 1 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    if vocab_offset < 0 or vocab_offset % 4:
+        raise ValueError(f"vocab_offset must be a multiple of 4 and >= 0, got {vocab_offset}")
+    if not rows or not vocab:
+        return torch.empty(6, rows, 0, dtype=torch.float32, device=logits.device)
+    # Tokens come 4 per Philox call, so blocks of at least 4.
+    block_v = max(4, min(block_v, triton.next_power_of_2(vocab)))
+    blocks = triton.cdiv(vocab, block_v)
+    splits = min(blocks, splits or triton.cdiv(_TARGET_PROGRAMS, rows), MAX_SPLITS)
+    chunk = triton.cdiv(blocks, splits) * block_v
+    splits = triton.cdiv(vocab, chunk)  # no empty slice
+    workspace = torch.empty(6, rows, splits, dtype=torch.float32, device=logits.device)
+    fast_log2 = logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    _partial_kernel[(rows, splits)](
+        logits, logits.stride(0), inv_temperature, seeds, counter, workspace, workspace[4:].view(torch.int32),
+        vocab, chunk, rows // seeds.numel(), vocab_offset,
+        BLOCK_V=block_v, EVEN_V=vocab % block_v == 0, FAST_LOG2=fast_log2,
+    )
+    return workspace
+
+
+def combine_partials(
+    workspaces: torch.Tensor,
+    inv_temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    counter: torch.Tensor,
+    vocab_size: int,
+    out: TokenStats | None = None,
+) -> TokenStats:
+    """The second kernel: merges `workspaces` [N, 6, R, S] (`token_partials` of N consecutive vocabulary ranges,
+    in order; together `vocab_size` tokens) into the outputs."""
+    if workspaces.ndim != 4 or workspaces.shape[1] != 6 or not workspaces.is_contiguous():
+        raise ValueError(f"workspaces must be contiguous [ranks, 6, rows, splits], got {tuple(workspaces.shape)}")
+    ranks, _, rows, rank_splits = workspaces.shape
+    if ranks * rank_splits > MAX_SPLITS:
+        raise ValueError(f"at most {MAX_SPLITS} slices a row, got {ranks} x {rank_splits}")
+    device = workspaces.device
+    if out is None:
+        out = TokenStats(
+            sampled=torch.empty(rows, dtype=torch.int64, device=device),
+            argmax=torch.empty(rows, dtype=torch.int64, device=device),
+            entropy=torch.empty(rows, dtype=torch.float32, device=device),
+            max_prob=torch.empty(rows, dtype=torch.float32, device=device),
+            log_norm=torch.empty(rows, dtype=torch.float32, device=device),
+            noise=torch.empty(rows, dtype=torch.int64, device=device),
+        )
+    if not rows or not rank_splits:
+        return out
+    _combine_kernel[(triton.cdiv(rows, _BLOCK_R),)](
+        workspaces, workspaces[:, 4:].view(torch.int32), inv_temperature, seeds, counter, *out,
+        rows, vocab_size, ranks * rank_splits, rank_splits, 6 * rows * rank_splits, rows // seeds.numel(),
+        BLOCK_R=_BLOCK_R, BLOCK_S=triton.next_power_of_2(ranks * rank_splits),
+    )
+    return out
+
+
 def sample_tokens(
     logits: torch.Tensor,
     inv_temperature: torch.Tensor,
@@ -198,53 +297,5 @@ def sample_tokens(
     `MAX_SPLITS`), by default a function of R and V that fills the GPU, the number of programs sharing a row.
     Neither changes the sampled tokens. A row whose logits are all -inf has no distribution: its outputs are
     undefined (NaN statistics, token 0)."""
-    if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or logits.ndim != 2:
-        raise TypeError("logits must be a float32 torch.Tensor [rows, vocab]")
-    if logits.stride(1) != 1:
-        raise ValueError("logits must be contiguous along the vocabulary")
-    rows, vocab = logits.shape
-    for name, tensor, dtype in (("inv_temperature", inv_temperature, torch.float32),
-                                ("counter", counter, torch.int64)):
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tensor.numel() != 1:
-            raise TypeError(f"{name} must be a one-element {dtype} tensor")
-        if tensor.device != logits.device:
-            raise ValueError(f"{name} is on {tensor.device}, logits on {logits.device}")
-    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.ndim != 1 or not seeds.numel():
-        raise TypeError("seeds must be a 1-D torch.int64 tensor [number of seeds]")
-    if rows % seeds.numel() or seeds.device != logits.device:
-        raise ValueError(f"seeds ({seeds.numel()} on {seeds.device}) must divide the {rows} rows, on {logits.device}")
-    device = logits.device
-    if out is None:
-        out = TokenStats(
-            sampled=torch.empty(rows, dtype=torch.int64, device=device),
-            argmax=torch.empty(rows, dtype=torch.int64, device=device),
-            entropy=torch.empty(rows, dtype=torch.float32, device=device),
-            max_prob=torch.empty(rows, dtype=torch.float32, device=device),
-            log_norm=torch.empty(rows, dtype=torch.float32, device=device),
-            noise=torch.empty(rows, dtype=torch.int64, device=device),
-        )
-    if splits is not None and not 1 <= splits <= MAX_SPLITS:
-        raise ValueError(f"splits must be in [1, {MAX_SPLITS}], got {splits}")
-    if block_v < 1 or block_v & (block_v - 1):
-        raise ValueError(f"block_v must be a power of two, got {block_v}")
-    if not rows or not vocab:
-        return out
-    # Tokens come 4 per Philox call, so blocks of at least 4.
-    block_v = max(4, min(block_v, triton.next_power_of_2(vocab)))
-    blocks = triton.cdiv(vocab, block_v)
-    splits = min(blocks, splits or triton.cdiv(_TARGET_PROGRAMS, rows), MAX_SPLITS)
-    chunk = triton.cdiv(blocks, splits) * block_v
-    splits = triton.cdiv(vocab, chunk)  # no empty slice
-    stats = torch.empty(4, rows, splits, dtype=torch.float32, device=device)
-    indices = torch.empty(2, rows, splits, dtype=torch.int32, device=device)
-    rows_per_seed = rows // seeds.numel()
-    fast_log2 = logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-    _partial_kernel[(rows, splits)](
-        logits, logits.stride(0), inv_temperature, seeds, counter, stats, indices,
-        vocab, chunk, rows_per_seed, BLOCK_V=block_v, EVEN_V=vocab % block_v == 0, FAST_LOG2=fast_log2,
-    )
-    _combine_kernel[(triton.cdiv(rows, _BLOCK_R),)](
-        stats, indices, inv_temperature, seeds, counter, *out, rows, vocab, splits, rows_per_seed,
-        BLOCK_R=_BLOCK_R, BLOCK_S=triton.next_power_of_2(splits),
-    )
-    return out
+    workspace = token_partials(logits, inv_temperature, seeds, counter, block_v=block_v, splits=splits)
+    return combine_partials(workspace[None], inv_temperature, seeds, counter, logits.shape[1], out)

@@ -26,7 +26,7 @@ import pytest
 from transformers import AutoModel, AutoTokenizer, DistributedConfig, pipeline
 
 import dgemma_hf
-from dgemma_hf import DiffusionGemmaForMaskedGeneration, fused_layers
+from dgemma_hf import DiffusionGemmaForMaskedGeneration, distributed, fused_layers
 from dgemma_hf.distributed import (
     ExpertShard,
     check_world_size,
@@ -54,9 +54,9 @@ def _reference(model, tokenizer, seed):
     return {"sequences": out.sequences.tolist(), "tokens_per_forward": out.tokens_per_forward.tolist()}
 
 
-def _fused(model, tokenizer):
+def _fused(model, tokenizer, **kwargs):
     input_ids, attention_mask = _inputs(tokenizer)
-    out = model.generate(input_ids, attention_mask=attention_mask, sampling="fused", seed=7, **GENERATE)
+    out = model.generate(input_ids, attention_mask=attention_mask, sampling="fused", seed=7, **GENERATE, **kwargs)
     return out.sequences.tolist()
 
 
@@ -114,7 +114,16 @@ def worker(checkpoint: str, out_dir: str) -> None:
         # A different torch seed on each rank: generate() must hand rank 0's random state to every rank.
         result["reference"] = _reference(model, tokenizer, SEED + 100 * rank)
     result["counts"] = {"tp_plan": counts}
-    result["fused"] = _fused(model, tokenizer)
+    # The fused sampler on each rank's vocabulary columns, or on gathered logits where top-k needs whole rows.
+    sample_over_ranks, split_calls = distributed.sample_tokens_over_ranks, []
+    distributed.sample_tokens_over_ranks = lambda *args: split_calls.append(1) or sample_over_ranks(*args)
+    try:
+        result["fused"] = _fused(model, tokenizer)
+        result["split_sampler_calls"] = {"fused": len(split_calls)}
+        result["fused_top_k"] = _fused(model, tokenizer, top_k=40)
+        result["split_sampler_calls"]["fused_top_k"] = len(split_calls) - result["split_sampler_calls"]["fused"]
+    finally:
+        distributed.sample_tokens_over_ranks = sample_over_ranks
     result["pipeline"] = _pipeline(model, tokenizer)
     try:
         model.generate(tokenizer([PROMPTS[rank]], return_tensors="pt")["input_ids"], sampling="reference", **GENERATE)
@@ -180,6 +189,7 @@ def one_process(two_ranks):
         "triton_attention_reference": _reference(kernel, tokenizer, SEED),
         "reference": _reference(model, tokenizer, SEED),
         "fused": _fused(model, tokenizer),
+        "fused_top_k": _fused(model, tokenizer, top_k=40),
         "pipeline": _pipeline(model, tokenizer),
         "nvfp4_reference": _reference(nvfp4, tokenizer, SEED),
     }
@@ -222,7 +232,12 @@ def test_two_ranks_match_one_process_with_the_fused_sampler_and_the_pipeline(two
     _, ranks = two_ranks
     for rank in ranks:
         assert rank["fused"] == one_process["fused"]
+        assert rank["fused_top_k"] == one_process["fused_top_k"]
         assert rank["pipeline"] == one_process["pipeline"]
+        # Every fused step sampled from the rank's own columns, except with top-k (whole rows, gathered).
+        assert rank["split_sampler_calls"]["fused"] == 2 * GENERATE["max_denoising_steps"]
+        assert rank["split_sampler_calls"]["fused_top_k"] == 0
+    assert one_process["fused_top_k"] != one_process["fused"]
     assert one_process["pipeline"][0]["generated_text"]
     assert one_process["fused"] != one_process["reference"]["sequences"]  # two different samplers ran
 

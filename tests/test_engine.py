@@ -9,7 +9,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 
 from conftest import build_pair, left_padded_batch, variant_config
 from dgemma_hf.generation.stopping import stable_and_confident
-from dgemma_hf.kernels.sampler import sample_tokens
+from dgemma_hf.kernels.sampler import combine_partials, sample_tokens, token_partials
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -87,6 +87,33 @@ def test_sampler_split_and_block_size_change_nothing():
     entropy = torch.distributions.Categorical(logits=x).entropy()
     assert torch.allclose(whole.entropy.cpu().double(), entropy, atol=1e-4)
     assert torch.allclose(whole.log_norm.cpu().double(), torch.logsumexp(x, -1), atol=1e-4)
+
+
+@pytest.mark.parametrize("ranges", [(0, 500, 1000), (0, 8, 16, 1000), (0, 992, 1000)])
+def test_sampler_over_vocabulary_ranges_equals_whole_rows(ranges):
+    """The split-vocabulary road: `token_partials` on consecutive column ranges (each rank's, with its offset),
+    stacked and merged by `combine_partials`, gives the tokens of one pass over whole rows, the statistics up to
+    rounding; a range of filtered tokens only (row 2 in the first case) contributes nothing."""
+    generator = torch.Generator().manual_seed(len(ranges))
+    rows, vocab = 5, ranges[-1]
+    logits = 3 * torch.randn(rows, vocab, generator=generator)
+    logits[torch.rand(rows, vocab, generator=generator) < 0.2] = float("-inf")
+    logits[2, :500] = float("-inf")
+    logits = logits.to(DEVICE)
+    scalars = _scalars(1.4, 5, 9)
+    whole = sample_tokens(logits, *scalars, block_v=64)
+    # Every range yields the same number of slices, as ranks of equal shares do.
+    parts = [token_partials(logits[:, a:b].contiguous(), *scalars, vocab_offset=a, block_v=4, splits=2)
+             for a, b in zip(ranges, ranges[1:])]
+    merged = combine_partials(torch.stack(parts), *scalars, vocab)
+    for name in ("sampled", "argmax", "noise"):
+        assert torch.equal(getattr(merged, name), getattr(whole, name)), name
+    for name in ("entropy", "max_prob", "log_norm"):
+        torch.testing.assert_close(getattr(merged, name), getattr(whole, name), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="vocab_offset must be a multiple of 4"):
+        token_partials(logits[:, 6:], *scalars, vocab_offset=6)
+    with pytest.raises(ValueError, match="workspaces must be contiguous"):
+        combine_partials(parts[0], *scalars, vocab)
 
 
 def test_sampler_draws_the_tail_as_often_as_it_should():

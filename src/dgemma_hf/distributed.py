@@ -34,9 +34,12 @@ vocabulary), so the tied weights share one placement. On N ranks:
   reads each projection's local shard and runs the all-reduces (after o_proj; after the MLP's down_proj and the
   experts, summed in one) inside its compiled regions (`fused_layers`), so the captured step holds them too.
 
-Every rank runs the same sampler on the same (all-reduced, so identical) logits: `prepare_generate` (called by
-generate()) checks that every rank got the same prompt and copies rank 0's random state to the others before
-any randomness is drawn, so the sequences cannot diverge and every rank returns them. Inference only (no
+Sampling: the fused engine does not gather the logits. Each rank samples from its own vocabulary columns and
+the ranks exchange only per-slice partials (`sample_tokens_over_ranks`), so every rank draws the same tokens.
+The reference sampler, and logits processing that needs whole rows (top-k, top-p, min-p, penalties), run on the
+all-gathered logits, identical on every rank. `prepare_generate` (called by generate()) checks that every rank
+got the same prompt and copies rank 0's random state to the others before any randomness is drawn, so the
+sequences cannot diverge and every rank returns them. Inference only (no
 gradients through the collectives). Models split by `device_map` over several devices run with
 sampling="reference" only (a CUDA graph is captured on one device); `prepare_generate` says so.
 """
@@ -186,9 +189,11 @@ def _shard_rows(module: nn.Module, name: str, mesh, what: str) -> None:
 class VocabShard:
     """This rank's rows [start, start + size) of the (tied) embedding matrix and the group to reduce over."""
 
-    def __init__(self, embedding: nn.Embedding, mesh):
+    def __init__(self, embedding: nn.Embedding | nn.Linear, mesh):
         self.embedding = embedding
-        self.size = embedding.weight.shape[0] // mesh.size()
+        self.total = embedding.weight.shape[0]
+        self.ranks = mesh.size()
+        self.size = self.total // self.ranks
         self.start = mesh.get_local_rank() * self.size
         self.group = _group(mesh)
 
@@ -211,6 +216,19 @@ class VocabShard:
         out = torch.matmul(probs[..., self.start : self.start + self.size], self.weight)
         dist.all_reduce(out, group=self.group)
         return out
+
+
+def sample_tokens_over_ranks(logits: torch.Tensor, inv_temperature, seeds, counter, shard: VocabShard):
+    """The fused sampler (`dgemma_hf.kernels.sampler`) on this rank's columns of the logits [R, V / N]: each rank
+    reduces its own columns, one all-gather moves the small per-slice partials (24 bytes a slice, not the [R, V]
+    logits), and every rank merges all of them in vocabulary order, so every rank gets the same tokens, those of
+    one pass over whole rows."""
+    from .kernels.sampler import combine_partials, token_partials
+
+    local = token_partials(logits, inv_temperature, seeds, counter, vocab_offset=shard.start)
+    gathered = local.new_empty((shard.ranks * local.shape[0], *local.shape[1:]))  # ranks stacked on dim 0
+    _all_gather_single(gathered, local, group=shard.group)
+    return combine_partials(gathered.view(shard.ranks, *local.shape), inv_temperature, seeds, counter, shard.total)
 
 
 # -- styles -----------------------------------------------------------------------------------------------------
@@ -242,6 +260,7 @@ class VocabHeadParallel(TensorParallelLayer):
 
     def install_forward(self, module, mesh):
         group, world = _group(mesh), mesh.size()
+        module.vocab_shard = VocabShard(module, mesh)  # the fused engine samples from the local logits
 
         def forward(hidden_states):
             local = F.linear(hidden_states, _local(module.weight)).contiguous()

@@ -137,6 +137,11 @@ class DenoisingEngine:
         self.step_index = torch.zeros((), dtype=torch.long, device=device)
         history = max(settings.stability_threshold or 0, 1)
         self.history = torch.full((history, *shape), -1, dtype=torch.long, device=device)
+        # A tensor-parallel LM head (dgemma_hf.distributed): the fused sampler reads this rank's vocabulary columns
+        # and never gathers the logits, unless logits processing needs whole rows.
+        shard = getattr(model.lm_head, "vocab_shard", None)
+        split_vocabulary = sampling == "fused" and not settings.logits.active and shard is not None
+        self.vocab_shard = shard if split_vocabulary and shard.size % 4 == 0 else None
         if sampling == "fused":
             hidden = model.config.text_config.hidden_size
             self.soft = torch.zeros((*shape, hidden), dtype=model.dtype, device=device)
@@ -188,17 +193,23 @@ class DenoisingEngine:
             return self.model(**kwargs).logits
         # Upstream's forward, with its LM head and logit softcap (four passes over the logits) in one region.
         hidden = self.model.model(**kwargs).last_hidden_state
-        logits = self.model.lm_head(hidden)
+        if self.vocab_shard is None:
+            logits = self.model.lm_head(hidden)
+        else:  # this rank's vocabulary columns only
+            logits = torch.nn.functional.linear(hidden, self.vocab_shard.weight)
         return compiled_region(logit_softcap, logits.device)(logits, self.model.final_logit_softcapping)
 
     def _soft_embedding(self, logits: torch.Tensor, inv_temperature, log_norm) -> torch.Tensor:
         """softmax(logits * inv_temperature) @ embedding * embed_scale, rebuilt chunk by chunk from the
         sampler's log-normaliser, so no second [batch, canvas, vocab] tensor exists. With the vocabulary split over
-        ranks (dgemma_hf.distributed) each rank sums over its own rows of the embedding, then the ranks add up."""
+        ranks (dgemma_hf.distributed) each rank sums over its own rows of the embedding, then the ranks add up; its
+        logits are those columns already, or the whole rows (gathered for logits processing)."""
         embed = self.model.model.decoder.embed_tokens
         shard = getattr(embed, "vocab_shard", None)
-        weight, start = (embed.weight, 0) if shard is None else (shard.weight, shard.start)
-        rows = logits.view(-1, logits.shape[-1])[:, start : start + weight.shape[0]]
+        weight = embed.weight if shard is None else shard.weight
+        rows = logits.view(-1, logits.shape[-1])
+        if shard is not None and self.vocab_shard is None:  # whole rows: this rank's columns
+            rows = rows[:, shard.start : shard.start + shard.size]
         soft = torch.zeros(rows.shape[0], weight.shape[1], dtype=torch.float32, device=rows.device)
         add_chunk = compiled_region(add_soft_embedding_chunk, rows.device)
         for begin in range(0, weight.shape[0], _SOFT_CHUNK):
@@ -212,9 +223,15 @@ class DenoisingEngine:
     def _fused_candidates(self, logits, inv_temperature):
         """Fused sampler + the scheduler's acceptance: next canvas, argmax, entropy, log-normaliser."""
         batch, length, vocab = logits.shape
-        from ..kernels.sampler import sample_tokens
+        if self.vocab_shard is None:
+            from ..kernels.sampler import sample_tokens
 
-        stats = sample_tokens(logits.view(-1, vocab), inv_temperature, self.seed, self.counter)
+            stats = sample_tokens(logits.view(-1, vocab), inv_temperature, self.seed, self.counter)
+        else:
+            from ..distributed import sample_tokens_over_ranks
+
+            stats = sample_tokens_over_ranks(logits.view(-1, vocab), inv_temperature, self.seed, self.counter,
+                                             self.vocab_shard)
         entropy, max_prob = stats.entropy.view(batch, length), stats.max_prob.view(batch, length)
         accepted = self.scheduler.accept(entropy, max_prob, self.step_index)
         new_canvas = torch.where(accepted, stats.sampled.view(batch, length), stats.noise.view(batch, length))
