@@ -1,6 +1,7 @@
-"""Offline instruction counts of the MoE kernels' main loop: no GPU needed.
+"""Offline instruction counts of the MoE and attention kernels' main loop: no GPU needed.
 
     python -m eval.sass [--arch 90] [--formats nvfp4,bf16] [--cvt on|off] [--out results/sass.json]
+    python -m eval.sass --attention [--arch 90] [--out results/sass_attention.json]
 
 Compiles `dgemma_hf.kernels.moe`'s gate_up and down kernels for each config of the block tables with Triton's
 own compiler and ptxas (shipped in the triton wheel), with the specializations the JIT applies at run time
@@ -12,6 +13,13 @@ instruction count, instructions per weight element a thread handles per iteratio
 An NVFP4 kernel at a small batch is bound by instruction issue, not bytes (REFERENCE.md's floor is bytes): this
 count is what a change to the decode or the tiles moves, and it costs no device time. Timing still needs a GPU
 (`python -m eval.kernels`).
+
+`--attention` compiles `dgemma_hf.kernels.attention`'s kernel instead, bf16 at DiffusionGemma's head dims with the
+tuned tiles, in each variant the model launches (the decoder's one-row padding mask; encoder passes with a
+[queries, keys] mask, with a sliding window, or causal without a mask), specialised as at the real shapes (canvas
+and cache lengths multiples of 16). A variant that the installed Triton cannot compile fails the run. The GPU
+machines may run another Triton than this one: to check against theirs, install it aside
+(`pip install --target /tmp/triton-X triton==X`) and run with `PYTHONPATH=/tmp/triton-X`.
 """
 
 from __future__ import annotations
@@ -110,14 +118,71 @@ def rows(formats, cvt: bool, arch: int):
                            "per_weight": facts["loop_instructions"] / per_thread, **facts}
 
 
+# The attention kernel's variants as the model launches them: (mask kind, mask read as one key row, causal,
+# sliding window). Kind 1 is a boolean mask; the encoder passes get causal/window flags only without a mask.
+ATTENTION_VARIANTS = {
+    "decoder": (1, True, False, False),
+    "encoder_mask": (1, False, False, False),
+    "encoder_mask_window": (1, False, False, True),
+    "encoder_causal": (0, False, True, False),
+    "encoder_causal_window": (0, False, True, True),
+}
+ATTENTION_SHAPES = {256: 2, 512: 8}  # head dim: query heads per kv head (26B-A4B's sliding and global layers)
+# Integer arguments that are multiples of 16 at the real shapes; the mask's key stride is 1 (specialised away).
+ATTENTION_DIVISIBLE = ("Lq", "Lk", "q_offset", "window")
+ATTENTION_POINTERS = {"mask_ptr": "*u8", "part_ptr": "*fp32", "stats_ptr": "*fp32"}  # the rest: bf16
+
+
+def attention_rows(arch: int):
+    import torch
+
+    from dgemma_hf.kernels import attention
+
+    kernel = attention._attention_kernel
+    with tempfile.TemporaryDirectory() as tmp:
+        for head_dim, group in ATTENTION_SHAPES.items():
+            block_m, block_n, dv_split, warps, stages = attention.pick_config(head_dim, torch.bfloat16)
+            for variant, (mask_kind, key_mask, causal, windowed) in ATTENTION_VARIANTS.items():
+                if windowed and head_dim == 512:
+                    continue  # the global layers have no window
+                pre_m, pre_n = attention.mask_scan_tile(block_m, group, key_mask)
+                constants = dict(
+                    GROUP=group, HEAD_DIM=head_dim, BLOCK_DV=head_dim // dv_split, BLOCK_M=block_m, BLOCK_N=block_n,
+                    PRE_M=pre_m, PRE_N=pre_n, MASK_KIND=mask_kind, KEY_MASK=key_mask, BOUND_BY_MASK=mask_kind > 0,
+                    CAUSAL=causal, WINDOWED=windowed, V_IS_K=False, IEEE_DOT=False, stride_mn=1,
+                )
+                signature, attrs = {}, {}
+                for index, name in enumerate(kernel.arg_names):
+                    if name in constants:
+                        signature[name] = "constexpr"
+                    elif name.endswith("_ptr"):
+                        signature[name] = ATTENTION_POINTERS.get(name, "*bf16")
+                    else:
+                        signature[name] = "fp32" if name in ("qk_scale", "mask_floor") else "i32"
+                    if signature[name].startswith("*") or name.startswith("stride_") or name in ATTENTION_DIVISIBLE:
+                        if signature[name] != "constexpr":
+                            attrs[(index,)] = [["tt.divisibility", 16]]
+                constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
+                source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                          options=dict(num_warps=warps, num_stages=stages))
+                facts = inspect_kernel(compiled, Path(tmp), f"attention_{head_dim}_{variant}")
+                yield {"format": f"D{head_dim}", "kernel": variant,
+                       "config": [block_m, block_n, dv_split, warps, stages], **facts}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability without the dot (90: Hopper)")
     parser.add_argument("--formats", default="nvfp4,bf16", help="comma-separated: nvfp4, bf16")
     parser.add_argument("--cvt", choices=("on", "off"), default="on",
                         help="NVFP4 scales through cvt.rn.f16x2.e4m3x2 (sm_89+) or the integer route")
+    parser.add_argument("--attention", action="store_true",
+                        help="the attention kernel's variants instead of the MoE kernels")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args(argv)
+    if args.attention:
+        return report_attention(args)
     formats = args.formats.split(",")
     if not formats or any(f not in ("nvfp4", "bf16") for f in formats):
         raise SystemExit(f"--formats takes nvfp4 and/or bf16, got {args.formats!r}")
@@ -135,6 +200,20 @@ def main(argv=None) -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"arch": args.arch, "cvt": args.cvt, "rows": report}, indent=2))
+    return 0
+
+
+def report_attention(args) -> int:
+    print(f"{'kernel':32s} {'config':22s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'loop':>5s}  opcodes")
+    report = []
+    for row in attention_rows(args.arch):
+        report.append(row)
+        top = " ".join(f"{op}:{count}" for op, count in row["opcodes"].most_common(8))
+        print(f"{row['format'] + ' ' + row['kernel']:32s} {str(row['config']):22s} {row['registers']:4d} "
+              f"{row['stack_bytes']:5d} {row['shared_bytes']:6d} {row['loop_instructions']:5d}  {top}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"arch": args.arch, "rows": report}, indent=2))
     return 0
 
 

@@ -89,6 +89,13 @@ def pick_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int, 
     return (_FP32_CONFIGS if dtype == torch.float32 else _CONFIGS)[head_dim]
 
 
+def mask_scan_tile(block_m: int, group: int, key_mask: bool) -> tuple[int, int]:
+    """(PRE_M, PRE_N): the mask scan reads the program's distinct query rows (one more when a block starts
+    mid-group; one row for a key mask) and as many keys as make a tile of about _PREPASS_TILE bytes."""
+    pre_m = 1 if key_mask else triton.next_power_of_2(triton.cdiv(block_m, group) + (block_m % group != 0))
+    return pre_m, max(16, min(512, _PREPASS_TILE // pre_m))
+
+
 @triton.jit
 def _mask_tile(mask_ptr, offsets, valid, MASK_KIND: tl.constexpr, mask_floor):
     """(allowed, additive bias in log2 units) of one mask tile; `valid` entries outside the tensor are masked."""
@@ -402,10 +409,8 @@ def flash_attention(
     block_m, block_n, dv_split, num_warps, num_stages = (
         pick_config(head_dim, q.dtype) if config is None else _check_config(config, head_dim))
     v_is_k = v is k or (v.data_ptr() == k.data_ptr() and v.stride() == k.stride())
-    # The mask scan reads the program's distinct query rows (one more when a block starts mid-group).
     key_mask = bool(mask_kind) and mask_strides[1] == 0  # one row for every query (e.g. the decoder's padding)
-    pre_m = 1 if key_mask else triton.next_power_of_2(triton.cdiv(block_m, group) + (block_m % group != 0))
-    pre_n = max(16, min(512, _PREPASS_TILE // pre_m))
+    pre_m, pre_n = mask_scan_tile(block_m, group, key_mask)
     grid = (triton.cdiv(q_len * group, block_m), batch * kv_heads, dv_split)
     if kv_splits is None:
         sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0

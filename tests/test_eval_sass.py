@@ -1,6 +1,7 @@
-"""eval.sass compiles the MoE kernels for real GPU targets on a machine without one (Triton's own compiler and
-ptxas): every table config must build, keep its MMA in the main loop and spill nothing, on Hopper and, with the
-integer scale route, on Ampere. The tests' interpreter cannot catch a kernel that fails only in compilation."""
+"""eval.sass compiles the MoE and attention kernels for real GPU targets on a machine without one (Triton's own
+compiler and ptxas): every MoE table config must build, keep its MMA in the main loop and spill nothing, on Hopper
+and, with the integer scale route, on Ampere; every attention variant the model launches must build with its
+tensor-core MMA in the loop. The tests' interpreter cannot catch a kernel that fails only in compilation."""
 
 import json
 import os
@@ -41,3 +42,17 @@ def test_cvt_needs_ada_or_newer(tmp_path):
     run = subprocess.run([sys.executable, "-m", "eval.sass", "--arch", "80", "--cvt", "on"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode != 0 and "--cvt on needs --arch 89 or newer" in run.stderr
+
+
+def test_attention_kernel_variants_compile_with_their_mma(tmp_path):
+    """The decoder's one-row mask, encoder passes with a mask tile (the variant Triton 3.6 once failed to
+    compile), with a window, causal without a mask: both head dims, the tuned tiles, Hopper."""
+    rows = _sass(tmp_path, "--attention", "--arch", "90")  # (importing eval.sass here would end the interpreter)
+    unwindowed = {"decoder", "encoder_mask", "encoder_causal"}
+    assert {row["kernel"] for row in rows if row["format"] == "D256"} == unwindowed | {
+        "encoder_mask_window", "encoder_causal_window"}
+    assert {row["kernel"] for row in rows if row["format"] == "D512"} == unwindowed  # global layers: no window
+    for row in rows:
+        where = f"{row['format']} {row['kernel']} {row['config']}"
+        assert row["loop_instructions"] > 0, where
+        assert row["opcodes"].get("HGMMA", 0) > 0, f"{where} has no wgmma in its loop"
