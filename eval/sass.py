@@ -14,10 +14,10 @@ An NVFP4 kernel at a small batch is bound by instruction issue, not bytes (REFER
 count is what a change to the decode or the tiles moves, and it costs no device time. Timing still needs a GPU
 (`python -m eval.kernels`).
 
-`--attention` compiles `dgemma_hf.kernels.attention`'s kernel instead, bf16 at DiffusionGemma's head dims with the
-tuned tiles, in each variant the model launches (the decoder's one-row padding mask; encoder passes with a
-[queries, keys] mask, with a sliding window, or causal without a mask), specialised as at the real shapes (canvas
-and cache lengths multiples of 16). A variant that the installed Triton cannot compile fails the run. The GPU
+`--attention` compiles `dgemma_hf.kernels.attention`'s kernel instead, bf16 with the tuned tiles, for 26B-A4B's
+sliding and global layers on 1 to 8 ranks (the query heads per kv head a rank sees), in each variant the model
+launches (the decoder's one-row padding mask; encoder passes with a [queries, keys] mask, or causal without a
+mask), specialised as at the real shapes (canvas and cache lengths multiples of 16). A variant that the installed Triton cannot compile fails the run. The GPU
 machines may run another Triton than this one: to check against theirs, install it aside
 (`pip install --target /tmp/triton-X triton==X`) and run with `PYTHONPATH=/tmp/triton-X`.
 """
@@ -118,16 +118,25 @@ def rows(formats, cvt: bool, arch: int):
                            "per_weight": facts["loop_instructions"] / per_thread, **facts}
 
 
-# The attention kernel's variants as the model launches them: (mask kind, mask read as one key row, causal,
-# sliding window). Kind 1 is a boolean mask; the encoder passes get causal/window flags only without a mask.
+# The attention kernel's variants as the model launches them: (mask kind, mask read as one key row, causal). Kind 1
+# is a boolean mask; the window of the sliding layers is in their masks, and only an encoder pass without a mask
+# runs causal.
 ATTENTION_VARIANTS = {
-    "decoder": (1, True, False, False),
-    "encoder_mask": (1, False, False, False),
-    "encoder_mask_window": (1, False, False, True),
-    "encoder_causal": (0, False, True, False),
-    "encoder_causal_window": (0, False, True, True),
+    "decoder": (1, True, False),
+    "encoder_mask": (1, False, False),
+    "encoder_causal": (0, False, True),
 }
-ATTENTION_SHAPES = {256: 2, 512: 8}  # head dim: query heads per kv head (26B-A4B's sliding and global layers)
+# (head dim, query heads per kv head, one kv head a rank) on N ranks, for 26B-A4B's sliding layers (16 query and 8
+# kv heads) and global layers (16 and 2; a rank keeps the kv head its query heads read): the group sets the tiles
+# of the mask scan, and a single kv head is an argument of 1, which Triton specialises to a constant.
+ATTENTION_SHAPES = {
+    "sliding N=1-4": (256, 2, False),
+    "sliding N=8": (256, 2, True),
+    "global N=1": (512, 8, False),
+    "global N=2": (512, 8, True),
+    "global N=4": (512, 4, True),
+    "global N=8": (512, 2, True),
+}
 # Integer arguments that are multiples of 16 at the real shapes; the mask's key stride is 1 (specialised away).
 ATTENTION_DIVISIBLE = ("Lq", "Lk", "q_offset", "window")
 ATTENTION_POINTERS = {"mask_ptr": "*u8", "part_ptr": "*fp32", "stats_ptr": "*fp32"}  # the rest: bf16
@@ -140,35 +149,35 @@ def attention_rows(arch: int):
 
     kernel = attention._attention_kernel
     with tempfile.TemporaryDirectory() as tmp:
-        for head_dim, group in ATTENTION_SHAPES.items():
+        for shape, (head_dim, group, one_kv_head) in ATTENTION_SHAPES.items():
             block_m, block_n, dv_split, warps, stages = attention.pick_config(head_dim, torch.bfloat16)
-            for variant, (mask_kind, key_mask, causal, windowed) in ATTENTION_VARIANTS.items():
-                if windowed and head_dim == 512:
-                    continue  # the global layers have no window
+            for variant, (mask_kind, key_mask, causal) in ATTENTION_VARIANTS.items():
                 pre_m, pre_n = attention.mask_scan_tile(block_m, group, key_mask)
                 constants = dict(
                     GROUP=group, HEAD_DIM=head_dim, BLOCK_DV=head_dim // dv_split, BLOCK_M=block_m, BLOCK_N=block_n,
                     PRE_M=pre_m, PRE_N=pre_n, MASK_KIND=mask_kind, KEY_MASK=key_mask, BOUND_BY_MASK=mask_kind > 0,
-                    CAUSAL=causal, WINDOWED=windowed, V_IS_K=False, IEEE_DOT=False, stride_mn=1,
+                    CAUSAL=causal, WINDOWED=False, V_IS_K=False, IEEE_DOT=False, stride_mn=1,
                 )
+                if one_kv_head:
+                    constants["num_kv_heads"] = 1
                 signature, attrs = {}, {}
                 for index, name in enumerate(kernel.arg_names):
                     if name in constants:
                         signature[name] = "constexpr"
-                    elif name.endswith("_ptr"):
+                        continue
+                    if name.endswith("_ptr"):
                         signature[name] = ATTENTION_POINTERS.get(name, "*bf16")
                     else:
                         signature[name] = "fp32" if name in ("qk_scale", "mask_floor") else "i32"
                     if signature[name].startswith("*") or name.startswith("stride_") or name in ATTENTION_DIVISIBLE:
-                        if signature[name] != "constexpr":
-                            attrs[(index,)] = [["tt.divisibility", 16]]
+                        attrs[(index,)] = [["tt.divisibility", 16]]
                 constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
                 source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
                 compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                           options=dict(num_warps=warps, num_stages=stages))
-                facts = inspect_kernel(compiled, Path(tmp), f"attention_{head_dim}_{variant}")
-                yield {"format": f"D{head_dim}", "kernel": variant,
-                       "config": [block_m, block_n, dv_split, warps, stages], **facts}
+                facts = inspect_kernel(compiled, Path(tmp), f"attention_{head_dim}_{group}_{one_kv_head}_{variant}")
+                yield {"shape": shape, "kernel": variant, "config": [block_m, block_n, dv_split, warps, stages],
+                       **facts}
 
 
 def main(argv=None) -> int:
@@ -204,12 +213,12 @@ def main(argv=None) -> int:
 
 
 def report_attention(args) -> int:
-    print(f"{'kernel':32s} {'config':22s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'loop':>5s}  opcodes")
+    print(f"{'kernel':30s} {'config':22s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'loop':>5s}  opcodes")
     report = []
     for row in attention_rows(args.arch):
         report.append(row)
         top = " ".join(f"{op}:{count}" for op, count in row["opcodes"].most_common(8))
-        print(f"{row['format'] + ' ' + row['kernel']:32s} {str(row['config']):22s} {row['registers']:4d} "
+        print(f"{row['shape'] + ' ' + row['kernel']:30s} {str(row['config']):22s} {row['registers']:4d} "
               f"{row['stack_bytes']:5d} {row['shared_bytes']:6d} {row['loop_instructions']:5d}  {top}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -190,17 +190,18 @@ def _combine_kernel(
     tl.store(noise_ptr + rows, noise.to(tl.int64) % V, mask=row_ok)
 
 
-def _check_scalars(logits, inv_temperature, seeds, counter, rows: int) -> None:
+def _check_scalars(data, inv_temperature, seeds, counter, rows: int) -> None:
+    """The arguments beside the logits (or workspaces) `data`, which has `rows` rows."""
     for name, tensor, dtype in (("inv_temperature", inv_temperature, torch.float32),
                                 ("counter", counter, torch.int64)):
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tensor.numel() != 1:
             raise TypeError(f"{name} must be a one-element {dtype} tensor")
-        if tensor.device != logits.device:
-            raise ValueError(f"{name} is on {tensor.device}, logits on {logits.device}")
+        if tensor.device != data.device:
+            raise ValueError(f"{name} is on {tensor.device}, logits on {data.device}")
     if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.ndim != 1 or not seeds.numel():
         raise TypeError("seeds must be a 1-D torch.int64 tensor [number of seeds]")
-    if rows % seeds.numel() or seeds.device != logits.device:
-        raise ValueError(f"seeds ({seeds.numel()} on {seeds.device}) must divide the {rows} rows, on {logits.device}")
+    if rows % seeds.numel() or seeds.device != data.device:
+        raise ValueError(f"seeds ({seeds.numel()} on {seeds.device}) must divide the {rows} rows, on {data.device}")
 
 
 def token_partials(
@@ -212,10 +213,10 @@ def token_partials(
     block_v: int = 2048,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """The first kernel on `logits` [R, V] fp32 (rows contiguous), columns `vocab_offset` .. `vocab_offset` + V of
-    the vocabulary (a multiple of 4: tokens take their random words in fours). Returns the workspace, fp32
-    [6, R, splits]: max, s, t and best Gumbel score per slice, then (int32 bits) the argmax and the sample.
-    See `sample_tokens` for the other arguments."""
+    """The first kernel on `logits` [R, V] fp32 (rows contiguous): columns `vocab_offset` .. `vocab_offset` + V of
+    the vocabulary, `vocab_offset` a multiple of 4 (tokens take their random words in fours). Returns the
+    workspace, fp32 [6, R, splits]: max, s, t and best Gumbel score per slice, then (int32 bits) the argmax and
+    the sample. See `sample_tokens` for the other arguments."""
     if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or logits.ndim != 2:
         raise TypeError("logits must be a float32 torch.Tensor [rows, vocab]")
     if logits.stride(1) != 1:
@@ -255,10 +256,16 @@ def combine_partials(
     out: TokenStats | None = None,
 ) -> TokenStats:
     """The second kernel: merges `workspaces` [N, 6, R, S] (`token_partials` of N consecutive vocabulary ranges,
-    in order; together `vocab_size` tokens) into the outputs."""
+    in order; together `vocab_size` tokens) into the outputs. Given the same logits, the sampled, argmax and noise
+    tokens are those of one pass over whole rows; the statistics round differently (other slice boundaries)."""
+    if not isinstance(workspaces, torch.Tensor) or workspaces.dtype != torch.float32:
+        raise TypeError("workspaces must be a float32 torch.Tensor (token_partials' output, stacked)")
     if workspaces.ndim != 4 or workspaces.shape[1] != 6 or not workspaces.is_contiguous():
         raise ValueError(f"workspaces must be contiguous [ranks, 6, rows, splits], got {tuple(workspaces.shape)}")
     ranks, _, rows, rank_splits = workspaces.shape
+    _check_scalars(workspaces, inv_temperature, seeds, counter, rows)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
     if ranks * rank_splits > MAX_SPLITS:
         raise ValueError(f"at most {MAX_SPLITS} slices a row, got {ranks} x {rank_splits}")
     device = workspaces.device

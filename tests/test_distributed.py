@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -278,6 +279,16 @@ def test_world_sizes_that_do_not_split_the_model_are_named():
         check_world_size(config, 3)
     with pytest.raises(ValueError, match="3 key/value heads"):
         check_world_size(tiny_config(num_attention_heads=6, num_key_value_heads=3, num_experts=6), 2)
+
+
+def test_split_sampler_refuses_shards_it_cannot_sample_before_any_collective():
+    """Vocabulary shards must hold a multiple of 4 tokens (random words come in fours); every rank raises before the
+    all-gather, so none waits for the others. (The engine gathers the logits instead for such shards.)"""
+    shard = SimpleNamespace(start=257, size=257, total=514, ranks=2, group=None)
+    logits = torch.zeros(3, 257)
+    with pytest.raises(ValueError, match="multiple of 4 tokens, got 257"):
+        distributed.sample_tokens_over_ranks(logits, torch.ones(1), torch.zeros(1, dtype=torch.long),
+                                             torch.zeros(1, dtype=torch.long), shard)
 
 
 def test_bad_layouts_are_refused_before_any_weight_is_sharded():

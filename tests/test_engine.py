@@ -89,18 +89,24 @@ def test_sampler_split_and_block_size_change_nothing():
     assert torch.allclose(whole.log_norm.cpu().double(), torch.logsumexp(x, -1), atol=1e-4)
 
 
-@pytest.mark.parametrize("ranges", [(0, 500, 1000), (0, 8, 16, 1000), (0, 992, 1000)])
-def test_sampler_over_vocabulary_ranges_equals_whole_rows(ranges):
+@pytest.mark.parametrize("ranges, rows, seeds", [
+    ((0, 500, 1000), 5, 1),
+    ((0, 8, 16, 1000), 5, 5),
+    ((0, 992, 1000), 5, 1),
+    ((0, 256, 512, 768, 1024), 36, 4),  # several merging programs (32 rows each), a seed per 9 rows
+])
+def test_sampler_over_vocabulary_ranges_equals_whole_rows(ranges, rows, seeds):
     """The split-vocabulary road: `token_partials` on consecutive column ranges (each rank's, with its offset),
     stacked and merged by `combine_partials`, gives the tokens of one pass over whole rows, the statistics up to
     rounding; a range of filtered tokens only (row 2 in the first case) contributes nothing."""
     generator = torch.Generator().manual_seed(len(ranges))
-    rows, vocab = 5, ranges[-1]
+    vocab = ranges[-1]
     logits = 3 * torch.randn(rows, vocab, generator=generator)
     logits[torch.rand(rows, vocab, generator=generator) < 0.2] = float("-inf")
     logits[2, :500] = float("-inf")
     logits = logits.to(DEVICE)
-    scalars = _scalars(1.4, 5, 9)
+    inv_temperature, _, counter = _scalars(1.4, 0, 9)
+    scalars = (inv_temperature, torch.randint(0, 2**40, (seeds,), generator=generator).to(DEVICE), counter)
     whole = sample_tokens(logits, *scalars, block_v=64)
     # Every range yields the same number of slices, as ranks of equal shares do.
     parts = [token_partials(logits[:, a:b].contiguous(), *scalars, vocab_offset=a, block_v=4, splits=2)
@@ -114,6 +120,13 @@ def test_sampler_over_vocabulary_ranges_equals_whole_rows(ranges):
         token_partials(logits[:, 6:], *scalars, vocab_offset=6)
     with pytest.raises(ValueError, match="workspaces must be contiguous"):
         combine_partials(parts[0], *scalars, vocab)
+    with pytest.raises(TypeError, match="workspaces must be a float32"):
+        combine_partials(torch.stack(parts).double(), *scalars, vocab)
+    with pytest.raises(ValueError, match="vocab_size must be an int >= 1"):
+        combine_partials(torch.stack(parts), *scalars, 0)
+    with pytest.raises(ValueError, match=f"must divide the {rows} rows"):
+        combine_partials(torch.stack(parts), scalars[0], torch.zeros(rows + 1, dtype=torch.long, device=DEVICE),
+                         scalars[2], vocab)
 
 
 def test_sampler_draws_the_tail_as_often_as_it_should():

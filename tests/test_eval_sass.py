@@ -45,14 +45,14 @@ def test_cvt_needs_ada_or_newer(tmp_path):
 
 
 def test_attention_kernel_variants_compile_with_their_mma(tmp_path):
-    """The decoder's one-row mask, encoder passes with a mask tile (the variant Triton 3.6 once failed to
-    compile), with a window, causal without a mask: both head dims, the tuned tiles, Hopper."""
+    """The decoder's one-row mask, encoder passes with a mask tile (the variant Triton 3.6 once failed to compile)
+    or causal without a mask; sliding and global layers as 1 to 8 ranks split them; the tuned tiles, Hopper."""
     rows = _sass(tmp_path, "--attention", "--arch", "90")  # (importing eval.sass here would end the interpreter)
-    unwindowed = {"decoder", "encoder_mask", "encoder_causal"}
-    assert {row["kernel"] for row in rows if row["format"] == "D256"} == unwindowed | {
-        "encoder_mask_window", "encoder_causal_window"}
-    assert {row["kernel"] for row in rows if row["format"] == "D512"} == unwindowed  # global layers: no window
+    shapes = {"sliding N=1-4", "sliding N=8", "global N=1", "global N=2", "global N=4", "global N=8"}
+    variants = {"decoder", "encoder_mask", "encoder_causal"}
+    assert sorted((row["shape"], row["kernel"]) for row in rows) == sorted(
+        (shape, variant) for shape in shapes for variant in variants)
     for row in rows:
-        where = f"{row['format']} {row['kernel']} {row['config']}"
+        where = f"{row['shape']} {row['kernel']} {row['config']}"
         assert row["loop_instructions"] > 0, where
         assert row["opcodes"].get("HGMMA", 0) > 0, f"{where} has no wgmma in its loop"

@@ -36,8 +36,9 @@ vocabulary), so the tied weights share one placement. On N ranks:
 
 Sampling: the fused engine does not gather the logits. Each rank samples from its own vocabulary columns and
 the ranks exchange only per-slice partials (`sample_tokens_over_ranks`), so every rank draws the same tokens.
-The reference sampler, and logits processing that needs whole rows (top-k, top-p, min-p, penalties), run on the
-all-gathered logits, identical on every rank. `prepare_generate` (called by generate()) checks that every rank
+The reference sampler, logits processing (top-k, top-p, min-p, penalties: it reads whole rows) and vocabulary
+shards of a size not divisible by 4 (the sampler's random words come in fours) use the all-gathered logits,
+identical on every rank. `prepare_generate` (called by generate()) checks that every rank
 got the same prompt and copies rank 0's random state to the others before any randomness is drawn, so the
 sequences cannot diverge and every rank returns them. Inference only (no
 gradients through the collectives). Models split by `device_map` over several devices run with
@@ -187,7 +188,8 @@ def _shard_rows(module: nn.Module, name: str, mesh, what: str) -> None:
 
 
 class VocabShard:
-    """This rank's rows [start, start + size) of the (tied) embedding matrix and the group to reduce over."""
+    """This rank's rows [start, start + size) of the (tied) embedding / LM head matrix, of `total` rows over
+    `ranks` ranks, and the group to reduce over."""
 
     def __init__(self, embedding: nn.Embedding | nn.Linear, mesh):
         self.embedding = embedding
@@ -221,10 +223,13 @@ class VocabShard:
 def sample_tokens_over_ranks(logits: torch.Tensor, inv_temperature, seeds, counter, shard: VocabShard):
     """The fused sampler (`dgemma_hf.kernels.sampler`) on this rank's columns of the logits [R, V / N]: each rank
     reduces its own columns, one all-gather moves the small per-slice partials (24 bytes a slice, not the [R, V]
-    logits), and every rank merges all of them in vocabulary order, so every rank gets the same tokens, those of
-    one pass over whole rows."""
+    logits), and every rank merges all of them in vocabulary order. Every rank gets the same outputs; the tokens
+    are those of one pass over whole rows (the statistics round differently)."""
     from .kernels.sampler import combine_partials, token_partials
 
+    # Checked alike on every rank, before the collective (a rank that raised alone would leave the others waiting).
+    if shard.size % 4:
+        raise ValueError(f"the split sampler needs vocabulary shards of a multiple of 4 tokens, got {shard.size}")
     local = token_partials(logits, inv_temperature, seeds, counter, vocab_offset=shard.start)
     gathered = local.new_empty((shard.ranks * local.shape[0], *local.shape[1:]))  # ranks stacked on dim 0
     _all_gather_single(gathered, local, group=shard.group)

@@ -138,10 +138,15 @@ class DenoisingEngine:
         history = max(settings.stability_threshold or 0, 1)
         self.history = torch.full((history, *shape), -1, dtype=torch.long, device=device)
         # A tensor-parallel LM head (dgemma_hf.distributed): the fused sampler reads this rank's vocabulary columns
-        # and never gathers the logits, unless logits processing needs whole rows.
+        # and never gathers the logits, unless logits processing needs whole rows. The soft embedding then needs
+        # the same rows of the embedding.
         shard = getattr(model.lm_head, "vocab_shard", None)
-        split_vocabulary = sampling == "fused" and not settings.logits.active and shard is not None
-        self.vocab_shard = shard if split_vocabulary and shard.size % 4 == 0 else None
+        embed_shard = getattr(model.model.decoder.embed_tokens, "vocab_shard", None)
+        split_vocabulary = (
+            sampling == "fused" and not settings.logits.active and shard is not None and shard.size % 4 == 0
+            and embed_shard is not None and (embed_shard.start, embed_shard.size) == (shard.start, shard.size)
+        )
+        self.vocab_shard = shard if split_vocabulary else None
         if sampling == "fused":
             hidden = model.config.text_config.hidden_size
             self.soft = torch.zeros((*shape, hidden), dtype=model.dtype, device=device)
