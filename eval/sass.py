@@ -17,9 +17,9 @@ count is what a change to the decode or the tiles moves, and it costs no device 
 `--attention` compiles `dgemma_hf.kernels.attention`'s kernel instead, bf16 with the tuned tiles, for 26B-A4B's
 sliding and global layers on 1 to 8 ranks (the query heads per kv head a rank sees), in each variant the model
 launches (the decoder's one-row padding mask; encoder passes with a [queries, keys] mask, or causal without a
-mask), specialised as at the real shapes (canvas and cache lengths multiples of 16). A variant that the installed Triton cannot compile fails the run. The GPU
-machines may run another Triton than this one: to check against theirs, install it aside
-(`pip install --target /tmp/triton-X triton==X`) and run with `PYTHONPATH=/tmp/triton-X`.
+mask), specialised as at the real shapes (canvas and cache lengths multiples of 16). A variant that the installed
+Triton cannot compile fails the run. The GPU machines may run another Triton than this one: to check against
+theirs, install it aside (`pip install --target /tmp/triton-X triton==X`) and run with `PYTHONPATH=/tmp/triton-X`.
 """
 
 from __future__ import annotations
