@@ -28,6 +28,7 @@ from transformers import AutoModel, AutoTokenizer, DistributedConfig, pipeline
 
 import dgemma_hf
 from dgemma_hf import DiffusionGemmaForMaskedGeneration, distributed, fused_layers
+from dgemma_hf.generation import engine
 from dgemma_hf.distributed import (
     ExpertShard,
     check_world_size,
@@ -116,15 +117,15 @@ def worker(checkpoint: str, out_dir: str) -> None:
         result["reference"] = _reference(model, tokenizer, SEED + 100 * rank)
     result["counts"] = {"tp_plan": counts}
     # The fused sampler on each rank's vocabulary columns, or on gathered logits where top-k needs whole rows.
-    sample_over_ranks, split_calls = distributed.sample_tokens_over_ranks, []
-    distributed.sample_tokens_over_ranks = lambda *args: split_calls.append(1) or sample_over_ranks(*args)
+    sample_over_ranks, split_calls = engine.sample_tokens_over_ranks, []
+    engine.sample_tokens_over_ranks = lambda *args: split_calls.append(1) or sample_over_ranks(*args)
     try:
         result["fused"] = _fused(model, tokenizer)
         result["split_sampler_calls"] = {"fused": len(split_calls)}
         result["fused_top_k"] = _fused(model, tokenizer, top_k=40)
         result["split_sampler_calls"]["fused_top_k"] = len(split_calls) - result["split_sampler_calls"]["fused"]
     finally:
-        distributed.sample_tokens_over_ranks = sample_over_ranks
+        engine.sample_tokens_over_ranks = sample_over_ranks
     result["pipeline"] = _pipeline(model, tokenizer)
     try:
         model.generate(tokenizer([PROMPTS[rank]], return_tensors="pt")["input_ids"], sampling="reference", **GENERATE)

@@ -220,6 +220,17 @@ class VocabShard:
         return out
 
 
+def split_sampling_shard(model) -> VocabShard | None:
+    """The LM head's vocabulary shard if the fused sampler can work on this rank's logits columns alone: the
+    embedding is split the same way (the soft embedding reads the same rows) and the shard holds a multiple of 4
+    tokens (the sampler's random words come in fours). None otherwise: the logits are gathered."""
+    head = getattr(model.lm_head, "vocab_shard", None)
+    embed = getattr(model.model.decoder.embed_tokens, "vocab_shard", None)
+    if head is None or embed is None or head.size % 4 or (embed.start, embed.size) != (head.start, head.size):
+        return None
+    return head
+
+
 def sample_tokens_over_ranks(logits: torch.Tensor, inv_temperature, seeds, counter, shard: VocabShard):
     """The fused sampler (`dgemma_hf.kernels.sampler`) on this rank's columns of the logits [R, V / N]: each rank
     reduces its own columns, one all-gather moves the small per-slice partials (24 bytes a slice, not the [R, V]

@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticSlidingWindowLayer
 
+from ..distributed import sample_tokens_over_ranks, split_sampling_shard
 from ..fused_layers import compiled_region, full_sliding_window, logit_softcap
 from ..schedulers import DiffusersSchedulerAdapter, TextDiffusionScheduler
 from .logits_processing import LogitsProcessing, LogitsSettings
@@ -138,15 +139,9 @@ class DenoisingEngine:
         history = max(settings.stability_threshold or 0, 1)
         self.history = torch.full((history, *shape), -1, dtype=torch.long, device=device)
         # A tensor-parallel LM head (dgemma_hf.distributed): the fused sampler reads this rank's vocabulary columns
-        # and never gathers the logits, unless logits processing needs whole rows. The soft embedding then needs
-        # the same rows of the embedding.
-        shard = getattr(model.lm_head, "vocab_shard", None)
-        embed_shard = getattr(model.model.decoder.embed_tokens, "vocab_shard", None)
-        split_vocabulary = (
-            sampling == "fused" and not settings.logits.active and shard is not None and shard.size % 4 == 0
-            and embed_shard is not None and (embed_shard.start, embed_shard.size) == (shard.start, shard.size)
-        )
-        self.vocab_shard = shard if split_vocabulary else None
+        # and never gathers the logits, unless logits processing needs whole rows.
+        split_sampling = sampling == "fused" and not settings.logits.active
+        self.vocab_shard = split_sampling_shard(model) if split_sampling else None
         if sampling == "fused":
             hidden = model.config.text_config.hidden_size
             self.soft = torch.zeros((*shape, hidden), dtype=model.dtype, device=device)
@@ -233,8 +228,6 @@ class DenoisingEngine:
 
             stats = sample_tokens(logits.view(-1, vocab), inv_temperature, self.seed, self.counter)
         else:
-            from ..distributed import sample_tokens_over_ranks
-
             stats = sample_tokens_over_ranks(logits.view(-1, vocab), inv_temperature, self.seed, self.counter,
                                              self.vocab_shard)
         entropy, max_prob = stats.entropy.view(batch, length), stats.max_prob.view(batch, length)
