@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import re
@@ -49,16 +50,17 @@ POINTERS = {
 DIVISIBLE = ("H", "I")  # the real shapes' sizes; TOP_K (8) is not specialised
 
 
-def compile_kernel(kernel, constants: dict, num_warps: int, num_stages: int, arch: int, nvfp4: bool):
-    """Compiles `kernel` (a triton.jit function) with `constants` for its constexpr parameters."""
-    weight = "*u8" if nvfp4 else "*bf16"
+def compile_kernel(kernel, constants: dict, num_warps: int, num_stages: int, arch: int, arg_type, divisible):
+    """Compiles `kernel` (a triton.jit function) with `constants` for its constexpr parameters (and any argument
+    the JIT would specialise to a constant); `arg_type(name)` gives the other arguments' types, and
+    `divisible(name)` whether the JIT would see them 16-divisible (pointers always are: 16-byte aligned)."""
     signature, attrs = {}, {}
-    for index, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
-        if param.is_constexpr:
+    for index, name in enumerate(kernel.arg_names):
+        if name in constants:
             signature[name] = "constexpr"
             continue
-        signature[name] = POINTERS.get(name, weight if name.startswith("w_") else "i32")
-        if signature[name].startswith("*") or name in DIVISIBLE:
+        signature[name] = arg_type(name)
+        if signature[name].startswith("*") or divisible(name):
             attrs[(index,)] = [["tt.divisibility", 16]]
     constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -98,6 +100,10 @@ def inspect_kernel(compiled, work_dir: Path, tag: str) -> dict:
             "loop_instructions": sum(ops.values()), "opcodes": ops}
 
 
+def _moe_arg_type(name: str, weight: str) -> str:
+    return POINTERS.get(name, weight if name.startswith("w_") else "i32")
+
+
 def rows(formats, cvt: bool, arch: int):
     from dgemma_hf.kernels import moe
 
@@ -105,12 +111,13 @@ def rows(formats, cvt: bool, arch: int):
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in formats:
             nvfp4 = fmt == "nvfp4"
+            arg_type = functools.partial(_moe_arg_type, weight="*u8" if nvfp4 else "*bf16")
             for limit, block_m, block_n, block_k, warps, stages, *swap in tables[fmt]:
                 constants = dict(NVFP4=nvfp4, FAST_BF16=nvfp4, E4M3_CVT=nvfp4 and cvt, SWAP_AB=bool(swap and swap[0]),
                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
                 # Gate and up: two weight tiles of BLOCK_N x BLOCK_K a step; down: one.
                 for name, kernel, tiles in (("gate_up", moe._gate_up_kernel, 2), ("down", moe._down_kernel, 1)):
-                    compiled = compile_kernel(kernel, constants, warps, stages, arch, nvfp4)
+                    compiled = compile_kernel(kernel, constants, warps, stages, arch, arg_type, DIVISIBLE.__contains__)
                     facts = inspect_kernel(compiled, Path(tmp), f"{fmt}_{name}_{block_m}_{block_n}_{block_k}")
                     per_thread = tiles * block_n * block_k / (warps * 32)
                     yield {"format": fmt, "kernel": name, "mean_pairs_up_to": limit,
@@ -142,6 +149,16 @@ ATTENTION_DIVISIBLE = ("Lq", "Lk", "q_offset", "window")
 ATTENTION_POINTERS = {"mask_ptr": "*u8", "part_ptr": "*fp32", "stats_ptr": "*fp32"}  # the rest: bf16
 
 
+def _attention_arg_type(name: str) -> str:
+    if name.endswith("_ptr"):
+        return ATTENTION_POINTERS.get(name, "*bf16")
+    return "fp32" if name in ("qk_scale", "mask_floor") else "i32"
+
+
+def _attention_divisible(name: str) -> bool:
+    return name.startswith("stride_") or name in ATTENTION_DIVISIBLE
+
+
 def attention_rows(arch: int):
     import torch
 
@@ -160,21 +177,8 @@ def attention_rows(arch: int):
                 )
                 if one_kv_head:
                     constants["num_kv_heads"] = 1
-                signature, attrs = {}, {}
-                for index, name in enumerate(kernel.arg_names):
-                    if name in constants:
-                        signature[name] = "constexpr"
-                        continue
-                    if name.endswith("_ptr"):
-                        signature[name] = ATTENTION_POINTERS.get(name, "*bf16")
-                    else:
-                        signature[name] = "fp32" if name in ("qk_scale", "mask_floor") else "i32"
-                    if signature[name].startswith("*") or name.startswith("stride_") or name in ATTENTION_DIVISIBLE:
-                        attrs[(index,)] = [["tt.divisibility", 16]]
-                constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
-                source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                          options=dict(num_warps=warps, num_stages=stages))
+                compiled = compile_kernel(kernel, constants, warps, stages, arch, _attention_arg_type,
+                                          _attention_divisible)
                 facts = inspect_kernel(compiled, Path(tmp), f"attention_{head_dim}_{group}_{one_kv_head}_{variant}")
                 yield {"shape": shape, "kernel": variant, "config": [block_m, block_n, dv_split, warps, stages],
                        **facts}
