@@ -59,18 +59,18 @@ def rel_err(got, want) -> float:
 
 def build_nvfp4(gate_up, down):
     from dgemma_hf.kernels.moe import NVFP4Experts
-    from dgemma_hf.kernels.nvfp4 import dequantize_nvfp4, quantize_nvfp4, to_kernel_layout
+    from dgemma_hf.kernels.nvfp4 import dequantize_nvfp4, quantize_nvfp4, scales_to_kernel_layout, to_kernel_layout
 
     gate = quantize_nvfp4(gate_up[:, :INTERMEDIATE])
     up = quantize_nvfp4(gate_up[:, INTERMEDIATE:])
     down_q = quantize_nvfp4(down)
     weights = NVFP4Experts(
         gate_up_packed=to_kernel_layout(torch.cat([gate.packed, up.packed], 1)),
-        gate_up_scale=torch.cat([gate.scale, up.scale], 1).view(torch.uint8),
+        gate_up_scale=scales_to_kernel_layout(torch.cat([gate.scale, up.scale], 1)),
         gate_scale2=gate.weight_scale_2,
         up_scale2=up.weight_scale_2,
         down_packed=to_kernel_layout(down_q.packed),
-        down_scale=down_q.scale.view(torch.uint8),
+        down_scale=scales_to_kernel_layout(down_q.scale),
         down_scale2=down_q.weight_scale_2,
     )
     dequantized = (
@@ -111,10 +111,10 @@ def sweep_configs(tokens: int, nvfp4: bool):
     """Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, swap_ab]) around the shape's tile size."""
     small = tokens <= 512
     block_ms = (16, 32) if small else (64, 128)
-    if nvfp4:  # BLOCK_K is a multiple of the packing block (32); swap_ab puts the weights on the MMA's M side
+    if nvfp4:  # weights on the MMA's M side (swap_ab); BLOCK_K, the pipelined K step, a multiple of 32
         if small:
-            return list(itertools.product(block_ms, (64, 128), (128, 256), (4,), (3,), (True, False)))
-        return list(itertools.product(block_ms, (128,), (64, 128), (4, 8), (3,), (True, False)))
+            return list(itertools.product((32, 64), (64,), (32, 64, 128), (4,), (3, 4), (True,)))
+        return list(itertools.product(block_ms, (64, 128), (64,), (4, 8), (3, 4), (True,)))
     return list(itertools.product(block_ms, (64, 128), (64, 128) if small else (64,), (4,), (3, 4)))
 
 

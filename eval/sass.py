@@ -1,6 +1,6 @@
 """Offline instruction counts of the MoE and attention kernels' main loop: no GPU needed.
 
-    python -m eval.sass [--arch 90] [--formats nvfp4,bf16] [--cvt on|off] [--out results/sass.json]
+    python -m eval.sass [--arch 90] [--formats nvfp4,bf16] [--decode ptx|portable] [--out results/sass.json]
     python -m eval.sass --attention [--arch 90] [--out results/sass_attention.json]
 
 Compiles `dgemma_hf.kernels.moe`'s gate_up and down kernels for each config of the block tables with Triton's
@@ -8,7 +8,9 @@ own compiler and ptxas (shipped in the triton wheel), with the specializations t
 (16-byte aligned pointers, hidden and intermediate sizes divisible by 16: without them the loads would look
 unvectorised and unpipelined), disassembles them with the wheel's nvdisasm, finds the main loop (the longest
 backward branch) and prints, per kernel: registers, local-memory (spill) bytes, shared memory, the loop's
-instruction count, instructions per weight element a thread handles per iteration, and its commonest opcodes.
+instruction count, instructions per weight element a thread handles per iteration, its commonest opcodes, and
+whether ptxas serialised its warpgroup MMAs (it does when it cannot pipeline them; an H200 measured such NVFP4
+configs 1.3-1.8x slower).
 
 An NVFP4 kernel at a small batch is bound by instruction issue, not bytes (REFERENCE.md's floor is bytes): this
 count is what a change to the decode or the tiles moves, and it costs no device time. Timing still needs a GPU
@@ -38,6 +40,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # a real compile, even where the tests
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -68,8 +71,8 @@ def compile_kernel(kernel, constants: dict, num_warps: int, num_stages: int, arc
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def loop_histogram(sass: str) -> collections.Counter:
-    """Opcodes of the longest loop: the instructions between a backward branch and its target label."""
+def loop_lines(sass: str) -> list[str]:
+    """The longest loop: the instructions between a backward branch and its target label."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\.L_x_\d+):", line))}
     span = None
@@ -79,8 +82,13 @@ def loop_histogram(sass: str) -> collections.Counter:
             start = labels[target.group(1)]
             if span is None or i - start > span[1] - span[0]:
                 span = (start, i)
+    return lines[span[0] : span[1] + 1] if span else []
+
+
+def loop_histogram(sass: str) -> collections.Counter:
+    """Opcodes of the longest loop."""
     ops = collections.Counter()
-    for line in lines[span[0] : span[1] + 1] if span else []:
+    for line in loop_lines(sass):
         m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
         if m:
             ops[m.group(1)] += 1
@@ -97,14 +105,29 @@ def inspect_kernel(compiled, work_dir: Path, tag: str) -> dict:
                           check=True).stdout
     ops = loop_histogram(sass)
     return {"registers": registers, "stack_bytes": stack, "shared_bytes": compiled.metadata.shared,
-            "loop_instructions": sum(ops.values()), "opcodes": ops}
+            "loop_instructions": sum(ops.values()), "mma_serialized": mma_serialized(compiled, work_dir, tag),
+            "opcodes": ops}
+
+
+def mma_serialized(compiled, work_dir: Path, tag: str) -> bool:
+    """Whether ptxas serialised the kernel's warpgroup MMAs (its C7515 advisory), by assembling the PTX again
+    verbosely: Triton keeps ptxas's messages to itself."""
+    ptx = work_dir / f"{tag}.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    arch = compiled.metadata.target.arch
+    ptxas = get_ptxas(arch).path  # the one Triton assembled it with
+    run = subprocess.run([ptxas, f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", str(ptx),
+                          "-o", str(work_dir / f"{tag}.ptxas.cubin")], capture_output=True, text=True, check=True)
+    return "C7515" in run.stdout + run.stderr
 
 
 def _moe_arg_type(name: str, weight: str) -> str:
+    if name == "w_scale_ptr" and weight == "*u8":
+        return "*bf16"  # NVFP4 block scales in the kernels' bf16 layout
     return POINTERS.get(name, weight if name.startswith("w_") else "i32")
 
 
-def rows(formats, cvt: bool, arch: int):
+def rows(formats, portable: bool, arch: int):
     from dgemma_hf.kernels import moe
 
     tables = {"nvfp4": moe._NVFP4_CONFIGS, "bf16": moe._CONFIGS}
@@ -113,7 +136,7 @@ def rows(formats, cvt: bool, arch: int):
             nvfp4 = fmt == "nvfp4"
             arg_type = functools.partial(_moe_arg_type, weight="*u8" if nvfp4 else "*bf16")
             for limit, block_m, block_n, block_k, warps, stages, *swap in tables[fmt]:
-                constants = dict(NVFP4=nvfp4, FAST_BF16=nvfp4, E4M3_CVT=nvfp4 and cvt, SWAP_AB=bool(swap and swap[0]),
+                constants = dict(NVFP4=nvfp4, FAST_BF16=nvfp4 and not portable, SWAP_AB=bool(swap and swap[0]),
                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
                 # Gate and up: two weight tiles of BLOCK_N x BLOCK_K a step; down: one.
                 for name, kernel, tiles in (("gate_up", moe._gate_up_kernel, 2), ("down", moe._down_kernel, 1)):
@@ -188,8 +211,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability without the dot (90: Hopper)")
     parser.add_argument("--formats", default="nvfp4,bf16", help="comma-separated: nvfp4, bf16")
-    parser.add_argument("--cvt", choices=("on", "off"), default="on",
-                        help="NVFP4 scales through cvt.rn.f16x2.e4m3x2 (sm_89+) or the integer route")
+    parser.add_argument("--decode", choices=("ptx", "portable"), default="ptx",
+                        help="NVFP4 weights through the bf16 PTX decode (bf16 activations) or the portable one (fp16)")
     parser.add_argument("--attention", action="store_true",
                         help="the attention kernel's variants instead of the MoE kernels")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
@@ -199,20 +222,19 @@ def main(argv=None) -> int:
     formats = args.formats.split(",")
     if not formats or any(f not in ("nvfp4", "bf16") for f in formats):
         raise SystemExit(f"--formats takes nvfp4 and/or bf16, got {args.formats!r}")
-    if args.cvt == "on" and args.arch < 89:
-        raise SystemExit(f"--cvt on needs --arch 89 or newer, got {args.arch}")
-    print(f"{'kernel':16s} {'config':26s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'loop':>5s} {'/weight':>7s}  "
+    print(f"{'kernel':16s} {'config':26s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'loop':>5s} {'/weight':>7s} "
+          f"{'serial':>6s}  "
           "opcodes")
     report = []
-    for row in rows(formats, args.cvt == "on", args.arch):
+    for row in rows(formats, args.decode == "portable", args.arch):
         report.append(row)
         top = " ".join(f"{op}:{count}" for op, count in row["opcodes"].most_common(8))
         print(f"{row['format'] + ' ' + row['kernel']:16s} {str(row['config']):26s} {row['registers']:4d} "
               f"{row['stack_bytes']:5d} {row['shared_bytes']:6d} {row['loop_instructions']:5d} "
-              f"{row['per_weight']:7.2f}  {top}")
+              f"{row['per_weight']:7.2f} {'yes' if row['mma_serialized'] else 'no':>6s}  {top}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"arch": args.arch, "cvt": args.cvt, "rows": report}, indent=2))
+        args.out.write_text(json.dumps({"arch": args.arch, "decode": args.decode, "rows": report}, indent=2))
     return 0
 
 

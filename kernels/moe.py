@@ -3,9 +3,10 @@
     out[t] = sum_k w[t, k] * down[e] @ (gelu_tanh(gate[e] @ x[t]) * (up[e] @ x[t])),   e = idx[t, k]
 
 Weights are either bf16/fp16 (`gate_up` [E, 2I, H] with gate rows 0..I-1 and up rows I..2I-1, `down`
-[E, H, I], transformers' layout) or NVFP4 (uint8 codes [E, N, K/2] in `nvfp4.to_kernel_layout`'s order, E4M3 scales
-[E, N, K/16] passed as uint8, fp32 global scales [E]) dequantized in registers (W4A16: Hopper has no FP4
-tensor cores). Activations are bf16/fp16 (or fp32, as TF32 on the tensor cores); accumulation is fp32.
+[E, H, I], transformers' layout) or NVFP4 (uint8 codes [E, N, K/2] and bf16 block scales [E, N, K/16] in
+`nvfp4.to_kernel_layout`'s and `nvfp4.scales_to_kernel_layout`'s layouts, fp32 global scales [E]) dequantized in
+registers (W4A16: Hopper has no FP4 tensor cores). Activations are bf16/fp16 (or fp32, as TF32 on the tensor
+cores); accumulation is fp32.
 
 Steps, all on the device with shapes fixed by (tokens, top_k, experts), so they can be captured in a CUDA
 graph: `route` (routing.py, one launch) sorts the token-expert pairs by expert and builds a tile schedule;
@@ -24,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .nvfp4 import KERNEL_BF16_BITS, KERNEL_ROTATIONS
 from .routing import route
 
 # Block sizes per shape class, kept as data. Chosen by the mean number of pairs per expert.
@@ -36,13 +38,13 @@ _CONFIGS = (
     (96, 64, 128, 64, 4, 4),
     (float("inf"), 128, 128, 64, 8, 3),
 )
-# NVFP4 weights, with swap_ab last (weights on the MMA's M side): the best of `python -m eval.kernels --sweep
-# --formats nvfp4` on an H200 (2026-11-28, third session's kernel) at 256 and 2048 tokens; the first row is the
-# previous sweep's (128 tokens were not swept again).
+# NVFP4 weights, with swap_ab last (weights on the MMA's M side, in registers): the best of `python -m eval.kernels
+# --sweep --formats nvfp4` on an H200 (2026-11-28, seventh session's kernel) at 256 and 2048 tokens, and of a smaller
+# sweep at 1024. BLOCK_K is the K step of the pipelined loop; the MMAs take 32 elements at a time.
 _NVFP4_CONFIGS = (
-    (8, 16, 64, 128, 4, 3, False),
-    (24, 32, 64, 128, 4, 3, True),
-    (float("inf"), 64, 128, 64, 8, 3, True),
+    (24, 32, 64, 64, 4, 4, True),
+    (96, 64, 64, 64, 4, 4, True),
+    (float("inf"), 128, 64, 64, 4, 3, True),
 )
 
 
@@ -66,176 +68,160 @@ def _gelu_tanh(x):
     return x * tl.sigmoid(2.0 * inner)
 
 
+# Dequantized NVFP4 weights come out as e2m1 * scale * 2^-7: a pair's code bits placed where bf16 has them read as
+# the E2M1 value * 2^-126, and the kernel-layout scales are scale * 2^119 (`nvfp4.to_kernel_layout`); exact in bf16,
+# fp16 and fp32 for every code and scale. The accumulator gets 2^7 back together with the fp32 global scale.
+_NVFP4_OFFSET = tl.constexpr(128.0)
+
+
+def _role_mask(bit: int) -> int:
+    """A code bit's place in both bf16 lanes of a word."""
+    return (1 << KERNEL_BF16_BITS[bit]) | (1 << (KERNEL_BF16_BITS[bit] + 16))
+
+
+def _pair_ptx(outputs: str, rotations: tuple, scale: str) -> str:
+    """PTX for one bf16x2 pair of `_decode_word`: rotate the word ($8) by each of the pair's rotations, keep the
+    bits that rotation brings home, and multiply by the pair's scale (one bf16, broadcast)."""
+    masks = {}
+    for bit, rotation in enumerate(rotations):
+        masks[rotation] = masks.get(rotation, 0) | _role_mask(bit)
+    lines = []
+    for index, (rotation, mask) in enumerate(sorted(masks.items())):
+        target = "a" if index == 0 else "r"
+        if rotation:
+            lines.append(f"shf.l.wrap.b32 {target}, $8, $8, {rotation};")
+            lines.append(f"and.b32 {target}, {target}, {mask:#010x};")
+        else:
+            lines.append(f"and.b32 {target}, $8, {mask:#010x};")
+        if index:
+            lines.append("or.b32 a, a, r;")
+    lines += [f"mov.b32 s, {{{scale}, {scale}}};", "fma.rn.bf16x2 o, a, s, neg0;", f"mov.b32 {{{outputs}}}, o;"]
+    return "".join("\n        " + line for line in lines)
+
+
+# Outputs $0..$7: the word's pairs in `nvfp4.KERNEL_ROTATIONS` order (half 0 rows g, g + 8; half 1 rows g, g + 8),
+# two K-neighbours each; $8 the word; $9 and $10 the scales of rows g and g + 8 (bf16 pairs: half 0, half 1).
+_DECODE_WORD_PTX = tl.constexpr(
+    "{\n        .reg .b32 r, a, s, o, neg0;\n        .reg .b16 g0, g1, e0, e1;\n        mov.b32 neg0, 0x80008000;"
+    "\n        mov.b32 {g0, g1}, $9;\n        mov.b32 {e0, e1}, $10;"
+    + "".join(_pair_ptx(f"${2 * p}, ${2 * p + 1}", KERNEL_ROTATIONS[p], ("g0", "e0", "g1", "e1")[p]) for p in range(4))
+    + "\n        }"
+)
+_ROTATIONS = tl.constexpr(KERNEL_ROTATIONS)
+_ROLE_MASKS = tl.constexpr(tuple(_role_mask(bit) for bit in range(4)))
+
+
+@triton.jit
+def _decode_word(words, scales_g, scales_g8):
+    """bf16 fast path: int32 words (kernel layout) and the int32 scale words of their rows g and g + 8 (two bf16
+    kernel-layout scales each: half 0, half 1) -> the 8 weights e2m1 * scale * 2^-7 in bf16, in
+    `_DECODE_WORD_PTX`'s order."""
+    return tl.inline_asm_elementwise(
+        asm=_DECODE_WORD_PTX, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", args=[words, scales_g, scales_g8],
+        dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def _rotate_left(word, D: tl.constexpr):
+    if D == 0:
+        return word
+    else:
+        return (word << D) | (word >> (32 - D))
+
+
 @triton.jit
 def _e2m1_scaled(code):
     """4-bit E2M1 codes (int32 0..15) -> fp32 value * 2^-14. Shifting the 3 magnitude bits to fp16's exponent /
-    mantissa boundary gives exactly value * 2^-14 for every code (code 1 lands on fp16's subnormal 2^-15);
-    bit 3 is the sign. A few integer ops, no table, no branch."""
+    mantissa boundary gives exactly value * 2^-14 for every code (code 1 lands on fp16's subnormal 2^-15, which
+    converts to a normal fp32); bit 3 is the sign."""
     bits = ((code & 8) << 12) | ((code & 7) << 9)
     return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _e4m3_to_float(byte):
-    """FP8 E4M3 (fn) bits (int32 0..255) -> fp32; read as bytes so the CPU interpreter needs no fp8 type.
-    Same trick: the 7 low bits moved to fp16's boundary give value * 2^-8 exactly, subnormals included."""
-    bits = ((byte & 128) << 8) | ((byte & 127) << 7)
-    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
-
-
-# Dequantized NVFP4 weights come out as e2m1 * scale * 2^-7 (exact in bf16, fp16 and fp32 for every code and
-# scale); the accumulator gets 2^7 back together with the fp32 global scale. bf16 needs the offset so the scale's
-# range fits (see _decode_bf16); the other dtypes use it too so one epilogue serves all.
-_NVFP4_OFFSET = tl.constexpr(128.0)
-_TWO_POW_119 = tl.constexpr(2.0**119)
-
-
-def _decode_pair_ptx(out: str, src: str, sign_shift: int, scale: str) -> str:
-    """PTX for one bf16x2 output of `_decode_bf16`: in each 16-bit lane of `src`, shifting left by `sign_shift`
-    puts the nibble's sign on bit 15 and by `sign_shift - 6` its e e m bits on 8..6; then the scale's fma."""
-    return f"""
-        shl.b32 a, {src}, {sign_shift};
-        shl.b32 b, {src}, {sign_shift - 6};
-        and.b32 a, a, 0x80008000;
-        and.b32 b, b, 0x01C001C0;
-        or.b32 a, a, b;
-        fma.rn.bf16x2 {out}, a, {scale}, neg0;"""
-
-
-# $4: four packed bytes; prmt spreads bytes 0, 1 (t0) and 2, 3 (t1) over 16-bit lanes. Low nibbles need shifts
-# of 12 (sign) and 6 (e e m), high nibbles 8 and 2. Outputs $0..$3, scales $5, $6 (low), $7, $8 (high).
-_DECODE_BF16_PTX = tl.constexpr(
-    """
-        {
-        .reg .b32 t0, t1, a, b, neg0;
-        mov.b32 neg0, 0x80008000;
-        prmt.b32 t0, $4, 0, 0x4140;
-        prmt.b32 t1, $4, 0, 0x4342;"""
-    + _decode_pair_ptx("$0", "t0", 12, "$5")
-    + _decode_pair_ptx("$1", "t1", 12, "$6")
-    + _decode_pair_ptx("$2", "t0", 8, "$7")
-    + _decode_pair_ptx("$3", "t1", 8, "$8")
-    + """
-        }
-        """
-)
+def _scale_value(scale_words, HALF: tl.constexpr):
+    """One bf16 kernel-layout scale of an int32 pair (HALF 0: low bits) -> the block scale * 2^7 in fp32."""
+    bits = (scale_words.to(tl.uint32, bitcast=True) >> (16 * HALF)) & 0xFFFF
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True).to(tl.float32) * 2.0**-112
 
 
 @triton.jit
-def _decode_bf16(packed, scale_low, scale_high):
-    """bf16 fast path, 8 weights per asm block: packed [..] uint8 (byte j: low nibble element j, high nibble element
-    j + 16), scales bf16 holding scale * 2^119 broadcast to packed's shape -> (low, high) bf16 weights.
-
-    A nibble s e e m moved to bf16 bits 15 (sign) and 8..6 (e e m) reads as the E2M1 value * 2^-126, subnormals
-    included (code 1 = 0.5 lands on bf16's subnormal 2^-127), so a decode is two shifts and two masks per pair
-    of weights and one bf16x2 fma applies the scale: value * 2^-126 * scale * 2^119 = value * scale * 2^-7."""
-    return tl.inline_asm_elementwise(
-        asm=_DECODE_BF16_PTX,
-        constraints="=r,=r,=r,=r,r,r,r,r,r",
-        args=[packed, scale_low, scale_high],
-        dtype=(tl.bfloat16, tl.bfloat16),
-        is_pure=True,
-        pack=4,
-    )
+def _pair_values(word, scale, PAIR: tl.constexpr):
+    """The portable decode of one pair (CPU interpreter, fp16/fp32 activations): the PTX's rotations, then each
+    lane's code to its value in fp32 without denormals. word uint32 [...], scale fp32 = scale * 2^7 -> (K-neighbour
+    0, 1) fp32 value * scale * 2^-7, as the PTX computes it."""
+    rotations = _ROTATIONS[PAIR]
+    bits = (_rotate_left(word, rotations[0]) & _ROLE_MASKS[0]) | (_rotate_left(word, rotations[1]) & _ROLE_MASKS[1])
+    bits |= (_rotate_left(word, rotations[2]) & _ROLE_MASKS[2]) | (_rotate_left(word, rotations[3]) & _ROLE_MASKS[3])
+    first = (((bits >> 12) & 8) | ((bits >> 6) & 7)).to(tl.int32)
+    second = (((bits >> 28) & 8) | ((bits >> 22) & 7)).to(tl.int32)
+    return _e2m1_scaled(first) * scale, _e2m1_scaled(second) * scale
 
 
 @triton.jit
-def _e4m3_pairs_bf16(pairs):
-    """uint16 holding two E4M3 scales (low byte first) -> (low, high) bf16 scale * 2^119, for `_decode_bf16`.
-    Hopper converts an E4M3 pair to fp16 in one instruction (exact, subnormals included); fp32 scales it exactly;
-    bf16 holds the result exactly (4 significant bits, normal for every E4M3 value). About a third of the
-    instructions of `_e4m3_to_float`'s integer route, measured on the compiled loop."""
-    return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 h2;
-        .reg .b16 lo16, hi16;
-        .reg .f32 a, b;
-        cvt.rn.f16x2.e4m3x2 h2, $2;
-        mov.b32 {lo16, hi16}, h2;
-        cvt.f32.f16 a, lo16;
-        cvt.f32.f16 b, hi16;
-        mul.f32 a, a, 0f7B000000;
-        mul.f32 b, b, 0f7B000000;
-        cvt.rn.bf16x2.f32 h2, b, a;
-        mov.b32 {$0, $1}, h2;
-        }
-        """,
-        constraints="=h,=h,h",
-        args=[pairs],
-        dtype=(tl.bfloat16, tl.bfloat16),
-        is_pure=True,
-        pack=1,
-    )
+def _join_tile(p0, p1, p2, p3, p4, p5, p6, p7, BLOCK_N: tl.constexpr):
+    """The 8 values of each word ([G, g 8, t 4, h 2] each, in `_DECODE_WORD_PTX`'s output order) -> the weight tile
+    [BLOCK_N, 32]: row 16 G + 8 r8 + g, column 16 half + 8 h + 2 t + w (K order)."""
+    low = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # [G, g, t, h, w, r8]
+    high = tl.join(tl.join(p4, p5), tl.join(p6, p7))
+    tile = tl.permute(tl.join(low, high), (0, 5, 1, 6, 3, 2, 4))  # [G, r8, g, half, h, t, w]
+    return tl.reshape(tile, (BLOCK_N, 32))
 
 
 @triton.jit
-def _nvfp4_tile(packed_ptr, scale_ptr, rows, n_mask, k0, K, compute_dtype: tl.constexpr, NB: tl.constexpr,
-                BLOCK_N: tl.constexpr, FAST_BF16: tl.constexpr, E4M3_CVT: tl.constexpr):
-    """Dequantizes weight rows `rows` [BLOCK_N] over the NB blocks of 32 K elements from k0 (kernel layout, see
-    `to_kernel_layout`) into two [BLOCK_N, NB * 16] tiles: column 16 b + j of `low` is element k0 + 32 b + j and
-    of `high` element k0 + 32 b + 16 + j (the activations are loaded in the same order). Blocks past K are zero."""
-    b = tl.arange(0, NB)
-    j = tl.arange(0, 16)
-    block_ok = k0 + 32 * b < K  # K is a multiple of 32 (checked by the wrapper)
-    byte_offsets = rows[:, None, None] * (K // 2) + k0 // 2 + 16 * b[None, :, None] + j[None, None, :]
-    packed = tl.load(packed_ptr + byte_offsets, mask=n_mask[:, None, None] & block_ok[None, :, None], other=0)
-    scale_mask = n_mask[:, None] & block_ok[None, :]
-    if E4M3_CVT:
-        # The two scales of a 32-block are adjacent bytes: one uint16 load and one conversion per block.
-        pair_offsets = rows[:, None] * (K // 32) + k0 // 32 + b[None, :]  # [BLOCK_N, NB]
-        pairs = tl.load(scale_ptr.to(tl.pointer_type(tl.uint16)) + pair_offsets, mask=scale_mask, other=0)
-        scale_low, scale_high = _e4m3_pairs_bf16(pairs)
-    else:
-        scale_offsets = rows[:, None] * (K // 16) + k0 // 16 + 2 * b[None, :]  # [BLOCK_N, NB]
-        scale_low = _e4m3_to_float(tl.load(scale_ptr + scale_offsets, mask=scale_mask, other=0).to(tl.int32))
-        scale_high = _e4m3_to_float(tl.load(scale_ptr + scale_offsets + 1, mask=scale_mask, other=0).to(tl.int32))
+def _nvfp4_tile(packed_ptr, scale_ptr, row0, rows_left, k0, K, compute_dtype: tl.constexpr,
+                BLOCK_N: tl.constexpr, FAST_BF16: tl.constexpr):
+    """Dequantizes the weight rows row0 .. row0 + BLOCK_N (16-aligned; rows_left of them exist) over the 32 K
+    elements from k0 (kernel layout, `nvfp4.to_kernel_layout`) into a [BLOCK_N, 32] tile in K order."""
+    G: tl.constexpr = BLOCK_N // 16
+    group = row0 // 16 + tl.arange(0, G)
+    ok = (16 * tl.arange(0, G) < rows_left) & (k0 + tl.zeros((G,), tl.int32) < K)
+    g = tl.arange(0, 8)
+    t = tl.arange(0, 4)
+    h = tl.arange(0, 2)
+    # Per 16 rows and 32 K elements: 64 int32 words [g][t][h] of codes ...
+    words = (group * (2 * K) + 2 * k0)[:, None, None, None] + (8 * g)[None, :, None, None] \
+        + (2 * t)[None, None, :, None] + h[None, None, None, :]
+    words = tl.load(packed_ptr.to(tl.pointer_type(tl.int32)) + words, mask=ok[:, None, None, None], other=0)
+    # ... and 32 bf16 scales [g][r8][half]: one int32 word (half 0, half 1) per row, loaded as words so that the
+    # load is wide enough for Triton to pipeline it (cp.async takes 4 bytes or more).
+    r8 = tl.arange(0, 2)
+    scales = (group * (K // 2) + k0 // 2)[:, None, None] + (2 * g)[None, :, None] + r8[None, None, :]
+    scales = tl.load(scale_ptr.to(tl.pointer_type(tl.int32)) + scales, mask=ok[:, None, None], other=0)
+    scales_g, scales_g8 = tl.split(scales)  # [G, g]
+    shape: tl.constexpr = (G, 8, 4, 2)
+    scales_g = tl.broadcast_to(scales_g[:, :, None, None], shape)
+    scales_g8 = tl.broadcast_to(scales_g8[:, :, None, None], shape)
     if FAST_BF16:
-        if not E4M3_CVT:  # scale * 2^119 is a normal bf16 for every E4M3 scale (2^-9 .. 448)
-            scale_low = (scale_low * _TWO_POW_119).to(tl.bfloat16)
-            scale_high = (scale_high * _TWO_POW_119).to(tl.bfloat16)
-        scale_low = tl.broadcast_to(scale_low[:, :, None], (BLOCK_N, NB, 16))
-        scale_high = tl.broadcast_to(scale_high[:, :, None], (BLOCK_N, NB, 16))
-        low, high = _decode_bf16(packed, scale_low, scale_high)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _decode_word(words, scales_g, scales_g8)
     else:
-        packed = packed.to(tl.int32)
-        # _e2m1_scaled is value * 2^-14; * 2^7 more leaves value * scale * 2^-7.
-        low = (_e2m1_scaled(packed & 15) * (scale_low * 128.0)[:, :, None]).to(compute_dtype)
-        high = (_e2m1_scaled(packed >> 4) * (scale_high * 128.0)[:, :, None]).to(compute_dtype)
-    return tl.reshape(low, (BLOCK_N, NB * 16)), tl.reshape(high, (BLOCK_N, NB * 16))
+        words = words.to(tl.uint32, bitcast=True)
+        p0, p1 = _pair_values(words, _scale_value(scales_g, 0), 0)
+        p2, p3 = _pair_values(words, _scale_value(scales_g8, 0), 1)
+        p4, p5 = _pair_values(words, _scale_value(scales_g, 1), 2)
+        p6, p7 = _pair_values(words, _scale_value(scales_g8, 1), 3)
+    tile = _join_tile(p0, p1, p2, p3, p4, p5, p6, p7, BLOCK_N)
+    return tile.to(compute_dtype)
 
 
 @triton.jit
-def _nvfp4_activations(a_row_ptrs, row_mask, k0, K, NB: tl.constexpr, SWAP_AB: tl.constexpr):
-    """The activations [BLOCK_M rows at a_row_ptrs] of one K step (NB blocks of 32) in `_nvfp4_tile`'s column
-    order, as (low, high) halves; transposed ([NB * 16, BLOCK_M]) with SWAP_AB."""
-    r = tl.arange(0, NB * 16)
-    ks = k0 + 32 * (r // 16) + r % 16  # `_nvfp4_tile`'s column order; the high half is 16 further
+def _nvfp4_dot(acc, a_rows, a_mask, packed_ptr, scale_ptr, row0, rows_left, k0, K,
+               BLOCK_N: tl.constexpr, FAST_BF16: tl.constexpr, SWAP_AB: tl.constexpr):
+    """acc += activations [rows at a_rows, K elements k0 .. k0 + 32] x NVFP4 weights [BLOCK_N rows from row0]^T.
+    acc is [BLOCK_M, BLOCK_N], or with SWAP_AB its transpose [BLOCK_N, BLOCK_M]: the weights become the MMA's M side
+    (in registers), so a tile of few tokens still fills Hopper's 64-row warpgroup MMA. One 32-element step per dot:
+    longer register-operand dots made ptxas serialise the warpgroup MMAs."""
+    ks = k0 + tl.arange(0, 32)
     k_ok = ks < K
     if SWAP_AB:
-        a_low = tl.load(a_row_ptrs[None, :] + ks[:, None], mask=k_ok[:, None] & row_mask[None, :], other=0.0)
-        a_high = tl.load(a_row_ptrs[None, :] + 16 + ks[:, None], mask=k_ok[:, None] & row_mask[None, :], other=0.0)
+        a = tl.load(a_rows[None, :] + ks[:, None], mask=k_ok[:, None] & a_mask[None, :], other=0.0)
     else:
-        a_low = tl.load(a_row_ptrs[:, None] + ks[None, :], mask=row_mask[:, None] & k_ok[None, :], other=0.0)
-        a_high = tl.load(a_row_ptrs[:, None] + 16 + ks[None, :], mask=row_mask[:, None] & k_ok[None, :], other=0.0)
-    return a_low, a_high
-
-
-@triton.jit
-def _nvfp4_dot(acc, a_low, a_high, packed_ptr, scale_ptr, w_rows, col_mask, k0, K,
-               NB: tl.constexpr, BLOCK_N: tl.constexpr, FAST_BF16: tl.constexpr, E4M3_CVT: tl.constexpr,
-               SWAP_AB: tl.constexpr):
-    """One K step of activations (`_nvfp4_activations`) x NVFP4 weights [BLOCK_N rows]. acc is [BLOCK_M,
-    BLOCK_N], or with SWAP_AB its transpose [BLOCK_N, BLOCK_M]: the weights become the MMA's M side, so a tile of
-    few tokens still fills Hopper's 64-row warpgroup MMA."""
-    low, high = _nvfp4_tile(packed_ptr, scale_ptr, w_rows, col_mask, k0, K, a_low.dtype, NB, BLOCK_N, FAST_BF16,
-                            E4M3_CVT)
+        a = tl.load(a_rows[:, None] + ks[None, :], mask=a_mask[:, None] & k_ok[None, :], other=0.0)
+    w = _nvfp4_tile(packed_ptr, scale_ptr, row0, rows_left, k0, K, a.dtype, BLOCK_N, FAST_BF16)
     if SWAP_AB:
-        acc = tl.dot(low, a_low, acc)
-        acc = tl.dot(high, a_high, acc)
+        acc = tl.dot(w, a, acc)
     else:
-        acc = tl.dot(a_low, tl.trans(low), acc)
-        acc = tl.dot(a_high, tl.trans(high), acc)
+        acc = tl.dot(a, tl.trans(w), acc)
     return acc
 
 
@@ -244,7 +230,7 @@ def _gate_up_kernel(
     x_ptr, sorted_pairs_ptr, expert_offsets_ptr, tile_expert_ptr, tile_start_ptr,
     w_ptr, w_scale_ptr, gate_scale2_ptr, up_scale2_ptr, act_ptr,
     H, I, TOP_K,
-    NVFP4: tl.constexpr, FAST_BF16: tl.constexpr, E4M3_CVT: tl.constexpr, SWAP_AB: tl.constexpr,
+    NVFP4: tl.constexpr, FAST_BF16: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -259,22 +245,21 @@ def _gate_up_kernel(
     tokens = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0) // TOP_K
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < I
-    gate_rows = expert * 2 * I + cols  # row of gate_up [E * 2I, ...]
-    up_rows = gate_rows + I
     if NVFP4:
-        NB: tl.constexpr = BLOCK_K // 32
         if SWAP_AB:
             acc_gate = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        gate_row0 = expert * 2 * I + pid_n * BLOCK_N
+        x_rows = x_ptr + tokens * H
         for k0 in range(0, H, BLOCK_K):
-            a_low, a_high = _nvfp4_activations(x_ptr + tokens * H, row_mask, k0, H, NB, SWAP_AB)  # gate and up's
-            acc_gate = _nvfp4_dot(acc_gate, a_low, a_high, w_ptr, w_scale_ptr, gate_rows, col_mask, k0, H, NB,
-                                  BLOCK_N, FAST_BF16, E4M3_CVT, SWAP_AB)
-            acc_up = _nvfp4_dot(acc_up, a_low, a_high, w_ptr, w_scale_ptr, up_rows, col_mask, k0, H, NB, BLOCK_N,
-                                FAST_BF16, E4M3_CVT, SWAP_AB)
+            for step in tl.static_range(0, BLOCK_K, 32):
+                acc_gate = _nvfp4_dot(acc_gate, x_rows, row_mask, w_ptr, w_scale_ptr, gate_row0, I - pid_n * BLOCK_N,
+                                      k0 + step, H, BLOCK_N, FAST_BF16, SWAP_AB)
+                acc_up = _nvfp4_dot(acc_up, x_rows, row_mask, w_ptr, w_scale_ptr, gate_row0 + I, I - pid_n * BLOCK_N,
+                                    k0 + step, H, BLOCK_N, FAST_BF16, SWAP_AB)
         if SWAP_AB:
             acc_gate = tl.trans(acc_gate)
             acc_up = tl.trans(acc_up)
@@ -285,6 +270,8 @@ def _gate_up_kernel(
         acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         x_rows = x_ptr + tokens[:, None] * H
+        gate_rows = expert * 2 * I + cols  # row of gate_up [E * 2I, ...]
+        up_rows = gate_rows + I
         for k0 in range(0, H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < H
@@ -304,7 +291,7 @@ def _down_kernel(
     act_ptr, sorted_pairs_ptr, expert_offsets_ptr, tile_expert_ptr, tile_start_ptr, top_k_weights_ptr,
     w_ptr, w_scale_ptr, down_scale2_ptr, out_ptr,
     H, I,
-    NVFP4: tl.constexpr, FAST_BF16: tl.constexpr, E4M3_CVT: tl.constexpr, SWAP_AB: tl.constexpr,
+    NVFP4: tl.constexpr, FAST_BF16: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -319,23 +306,22 @@ def _down_kernel(
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < H
-    w_rows = expert * H + cols  # row of down [E * H, ...]
     if NVFP4:
-        NB: tl.constexpr = BLOCK_K // 32
         if SWAP_AB:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, I, BLOCK_K):
-            a_low, a_high = _nvfp4_activations(act_ptr + rows * I, row_mask, k0, I, NB, SWAP_AB)
-            acc = _nvfp4_dot(acc, a_low, a_high, w_ptr, w_scale_ptr, w_rows, col_mask, k0, I, NB, BLOCK_N,
-                             FAST_BF16, E4M3_CVT, SWAP_AB)
+            for step in tl.static_range(0, BLOCK_K, 32):
+                acc = _nvfp4_dot(acc, act_ptr + rows * I, row_mask, w_ptr, w_scale_ptr, expert * H + pid_n * BLOCK_N,
+                                 H - pid_n * BLOCK_N, k0 + step, I, BLOCK_N, FAST_BF16, SWAP_AB)
         if SWAP_AB:
             acc = tl.trans(acc)
         acc = acc * (tl.load(down_scale2_ptr + expert) * _NVFP4_OFFSET)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         a_rows = act_ptr + rows[:, None] * I
+        w_rows = expert * H + cols  # row of down [E * H, ...]
         for k0 in range(0, I, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < I
@@ -367,15 +353,15 @@ def _combine_kernel(pair_out_ptr, index_ptr, out_ptr, H, num_experts, stride_tok
 
 
 class NVFP4Experts(NamedTuple):
-    """Expert weights in NVFP4 as the kernels read them: codes in `nvfp4.to_kernel_layout`'s byte order,
-    scales as ModelOpt's."""
+    """Expert weights in NVFP4 as the kernels read them: codes and block scales in the kernels' layouts
+    (`nvfp4.to_kernel_layout`, `nvfp4.scales_to_kernel_layout`)."""
 
     gate_up_packed: torch.Tensor  # uint8 [E, 2I, H/2], kernel layout
-    gate_up_scale: torch.Tensor  # uint8 (E4M3 bits) [E, 2I, H/16]
+    gate_up_scale: torch.Tensor  # bf16 [E, 2I, H/16], kernel layout (scale * 2^119)
     gate_scale2: torch.Tensor  # fp32 [E]
     up_scale2: torch.Tensor  # fp32 [E]
     down_packed: torch.Tensor  # uint8 [E, H, I/2], kernel layout
-    down_scale: torch.Tensor  # uint8 (E4M3 bits) [E, H, I/16]
+    down_scale: torch.Tensor  # bf16 [E, H, I/16], kernel layout
     down_scale2: torch.Tensor  # fp32 [E]
 
 
@@ -438,12 +424,10 @@ def _run(hidden_states, top_k_index, top_k_weights, num_experts, intermediate, g
     max_tiles = routing.tile_expert.numel()
     act = torch.empty(num_pairs, intermediate, dtype=hidden_states.dtype, device=hidden_states.device)
     pair_out = torch.empty(num_pairs, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
-    # The bf16 decode is inline PTX, which Triton's CPU interpreter cannot run; its E4M3 pair conversion needs
-    # sm_89 or newer (Ada, Hopper), older GPUs convert the scales with integer ops.
+    # The bf16 decode is inline PTX, which Triton's CPU interpreter cannot run.
     fast_bf16 = (nvfp4 and hidden_states.dtype == torch.bfloat16 and hidden_states.is_cuda
                  and os.environ.get("TRITON_INTERPRET") != "1")
-    e4m3_cvt = fast_bf16 and torch.cuda.get_device_capability(hidden_states.device) >= (8, 9)
-    common = dict(NVFP4=nvfp4, FAST_BF16=fast_bf16, E4M3_CVT=e4m3_cvt, SWAP_AB=nvfp4 and bool(swap and swap[0]),
+    common = dict(NVFP4=nvfp4, FAST_BF16=fast_bf16, SWAP_AB=nvfp4 and bool(swap and swap[0]),
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     _gate_up_kernel[(max_tiles, triton.cdiv(intermediate, block_n))](
         hidden_states, routing.sorted_pairs, routing.expert_offsets, routing.tile_expert, routing.tile_start,
@@ -496,16 +480,16 @@ def moe_experts_nvfp4(hidden_states, top_k_index, top_k_weights, weights: NVFP4E
     intermediate = two_i // 2
     _check(two_i % 2 == 0 and intermediate % 32 == 0,
            f"gate_up_packed's second dimension must be 2I with I a multiple of 32, got {two_i}")
-    device, u8, f32 = hidden_states.device, (torch.uint8,), (torch.float32,)
+    device, u8, bf16, f32 = hidden_states.device, (torch.uint8,), (torch.bfloat16,), (torch.float32,)
     _check_tensor("gate_up_packed", packed, (experts, two_i, hidden // 2), u8, device)
-    _check_tensor("gate_up_scale", weights.gate_up_scale, (experts, two_i, hidden // 16), u8, device)
+    _check_tensor("gate_up_scale", weights.gate_up_scale, (experts, two_i, hidden // 16), bf16, device)
     _check_tensor("gate_scale2", weights.gate_scale2, (experts,), f32, device)
     _check_tensor("up_scale2", weights.up_scale2, (experts,), f32, device)
     _check_tensor("down_packed", weights.down_packed, (experts, hidden, intermediate // 2), u8, device)
-    _check_tensor("down_scale", weights.down_scale, (experts, hidden, intermediate // 16), u8, device)
+    _check_tensor("down_scale", weights.down_scale, (experts, hidden, intermediate // 16), bf16, device)
     _check_tensor("down_scale2", weights.down_scale2, (experts,), f32, device)
-    for name in ("gate_up_scale", "down_scale"):  # read as uint16 pairs of scales
-        _check(getattr(weights, name).data_ptr() % 2 == 0, f"{name} must start at an even address")
+    for name in ("gate_up_packed", "gate_up_scale", "down_packed", "down_scale"):  # read as int32 words
+        _check(getattr(weights, name).data_ptr() % 4 == 0, f"{name} must start at a 4-byte aligned address")
     return _run(hidden_states, top_k_index, top_k_weights, experts, intermediate,
                 (packed, weights.gate_up_scale, weights.gate_scale2, weights.up_scale2),
                 (weights.down_packed, weights.down_scale, weights.down_scale2), nvfp4=True, out=out, config=config)

@@ -32,8 +32,14 @@ __all__ = [
     "global_scale_from_compressed_tensors",
     "global_scale_to_compressed_tensors",
     "KERNEL_BLOCK",
+    "KERNEL_ROWS",
+    "KERNEL_SCALE_OFFSET",
+    "KERNEL_ROTATIONS",
+    "KERNEL_BF16_BITS",
     "to_kernel_layout",
     "from_kernel_layout",
+    "scales_to_kernel_layout",
+    "scales_from_kernel_layout",
 ]
 
 BLOCK_SIZE = 16
@@ -274,34 +280,108 @@ def _finite_reciprocal(name: str, value: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The Triton kernels' byte order (dgemma_hf.kernels.moe)
+# The Triton kernels' layout (dgemma_hf.kernels.moe)
+#
+# The MoE kernels put the weights on the A side of Hopper's warpgroup MMA, in registers: a thread owns rows g and
+# g + 8 of each 16-row group and, in each 32-element block of K, the elements 16 half + 8 h + 2 t + w (half, h and
+# w in 0..1, t its lane in the quad). So the codes are stored per 16 rows x 32 K elements as 64 int32 words in
+# [g 8][t 4][h 2] order: a thread's two words of a block are adjacent, one 8-byte load. A word holds 8 codes, as
+# four pairs (half, row) = (0, g), (0, g + 8), (1, g), (1, g + 8), each pair two K-neighbours (w = 0, 1) that
+# become one bf16x2 register. Within the word each code bit sits where one left rotation of the word (per pair
+# and bit: KERNEL_ROTATIONS) moves it to its bf16 position: sign at bit 15 and the e e m bits at 8..6 of the
+# pair's 16-bit lane, which reads as the E2M1 value * 2^-126 (0.5 is bf16's subnormal 2^-127). Decoding a pair is
+# then a rotate and a mask (pair 0: two of each), no byte shuffles. Block scales are stored as bf16 scale *
+# 2^119 (exact for every E4M3 value, subnormals included), in [g 8][row g, g + 8][half] order per 16 rows and
+# 32 K elements, so one bf16x2 multiply gives value * scale * 2^-7 with no conversion in the kernel.
 
 KERNEL_BLOCK = 32  # K elements per kernel packing unit: two E4M3 scale blocks
+KERNEL_ROWS = 16  # rows per packing unit
+KERNEL_SCALE_OFFSET = 2.0**119  # kernel-layout scales are the E4M3 scales times this
+# Left rotation of the word that brings each code bit (sign, e1, e0, m) of pair 0..3 to its bf16 bit.
+KERNEL_ROTATIONS = ((8, 0, 8, 8), (2, 2, 2, 2), (6, 6, 6, 6), (12, 12, 12, 12))
+KERNEL_BF16_BITS = (15, 8, 7, 6)  # where a code's sign, e1, e0 and m bits go in a bf16 lane
+_CODE_BITS = (3, 2, 1, 0)
 
 
-def _check_kernel_packing(packed) -> None:
-    _require_tensor("packed", packed)
-    _require_dtype("packed", packed, (torch.uint8,))
-    if packed.ndim < 2 or packed.shape[-1] % (KERNEL_BLOCK // 2) != 0:
+def _check_kernel_shape(name: str, tensor, per_column: int) -> None:
+    """`tensor` [..., N, K / per_column] with N a multiple of KERNEL_ROWS and K of KERNEL_BLOCK."""
+    if tensor.ndim < 2 or tensor.shape[-2] % KERNEL_ROWS or tensor.shape[-1] % (KERNEL_BLOCK // per_column):
         raise ValueError(
-            f"packed's last dimension (K/2) must be a multiple of {KERNEL_BLOCK // 2} (K a multiple of "
-            f"{KERNEL_BLOCK}), got shape {tuple(packed.shape)}"
+            f"{name} must be [..., N, K/{per_column}] with N a multiple of {KERNEL_ROWS} and K a multiple of "
+            f"{KERNEL_BLOCK}, got shape {tuple(tensor.shape)}"
         )
 
 
+def _word_bit(pair: int, lane: int, bit: int) -> int:
+    return (KERNEL_BF16_BITS[bit] + 16 * lane - KERNEL_ROTATIONS[pair][bit]) % 32
+
+
+def _blocks(tensor: torch.Tensor, k_per_block: int) -> torch.Tensor:
+    """[..., N, K'] -> [..., N/16, K'/k_per_block, g 8, r8 2, k_per_block] (row = 16 group + 8 r8 + g)."""
+    *lead, n, k = tensor.shape
+    view = tensor.reshape(*lead, n // KERNEL_ROWS, 2, 8, k // k_per_block, k_per_block)
+    return view.movedim(-2, -4).transpose(-3, -2)  # [..., N/16, K'/kb, g, r8, kb]
+
+
+def _unblocks(blocks: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_blocks`."""
+    *lead, groups, nblocks, _, _, kb = blocks.shape
+    return blocks.transpose(-3, -2).movedim(-4, -2).reshape(*lead, groups * KERNEL_ROWS, nblocks * kb)
+
+
 def to_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
-    """ModelOpt bytes [..., N, K/2] (element 2j low, 2j+1 high) -> the kernels' layout: per block of 32 K
-    elements, byte j holds element j (low nibble) and element j + 16 (high nibble), so each nibble half is 16
-    consecutive K elements under one scale. Done once, at load time."""
-    _check_kernel_packing(packed)
-    codes = unpack_e2m1(packed)  # [..., N, K], K order
-    blocks = codes.unflatten(-1, (-1, 2, KERNEL_BLOCK // 2))  # [..., N, K/32, half, 16]
-    return (blocks[..., 0, :] | (blocks[..., 1, :] << 4)).flatten(-2)
+    """ModelOpt bytes [..., N, K/2] (element 2j low nibble, 2j+1 high) -> the kernels' layout (see above), same
+    shape and dtype. N must be a multiple of 16 and K of 32. Done once, at load time."""
+    _require_tensor("packed", packed)
+    _require_dtype("packed", packed, (torch.uint8,))
+    _check_kernel_shape("packed", packed, 2)
+    codes = _blocks(unpack_e2m1(packed), KERNEL_BLOCK)  # [..., G, B, g, r8, 32 = half h t w]
+    codes = codes.unflatten(-1, (2, 2, 4, 2)).to(torch.int32)  # [..., G, B, g, r8, half, h, t, w]
+    words = torch.zeros(codes.shape[:-6] + (8, 4, 2), dtype=torch.int32, device=packed.device)  # [.., g, t, h]
+    for half in range(2):
+        for r8 in range(2):
+            for lane in range(2):
+                code = codes[..., r8, half, :, :, lane].transpose(-1, -2)  # [..., G, B, g, t, h]
+                for bit in range(4):
+                    words |= ((code >> _CODE_BITS[bit]) & 1) << _word_bit(2 * half + r8, lane, bit)
+    return words.view(torch.uint8).reshape(packed.shape)
 
 
 def from_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
     """The kernels' layout -> ModelOpt bytes (exact inverse of `to_kernel_layout`)."""
-    _check_kernel_packing(packed)
-    blocks = packed.unflatten(-1, (-1, KERNEL_BLOCK // 2))  # [..., N, K/32, 16]
-    codes = torch.cat((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2)  # [..., N, K], K order
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    _require_tensor("packed", packed)
+    _require_dtype("packed", packed, (torch.uint8,))
+    _check_kernel_shape("packed", packed, 2)
+    *lead, n, half_k = packed.shape
+    words = packed.reshape(*lead, n // KERNEL_ROWS, half_k * 2 // KERNEL_BLOCK, 8, 4, 2, 4)
+    words = words.contiguous().view(torch.int32).squeeze(-1)  # [..., G, B, g, t, h]
+    codes = torch.zeros(words.shape[:-2] + (2, 2, 2, 4, 2), dtype=torch.int32, device=packed.device)
+    for half in range(2):
+        for r8 in range(2):
+            for lane in range(2):
+                code = torch.zeros_like(words)
+                for bit in range(4):
+                    code |= ((words >> _word_bit(2 * half + r8, lane, bit)) & 1) << _CODE_BITS[bit]
+                codes[..., r8, half, :, :, lane] = code.transpose(-1, -2)
+    codes = _unblocks(codes.flatten(-4).to(torch.uint8))  # [..., N, K]
+    return pack_e2m1(codes)
+
+
+def scales_to_kernel_layout(scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 block scales [..., N, K/16] (ModelOpt order) -> the kernels' bf16 scales (scale * 2^119, reordered, same
+    shape; see above). Exact for every E4M3 value, NaN included."""
+    _require_tensor("scale", scale)
+    _require_dtype("scale", scale, (torch.float8_e4m3fn,))
+    _check_kernel_shape("scale", scale, 16)
+    offset = (scale.to(torch.float32) * KERNEL_SCALE_OFFSET).to(torch.bfloat16)
+    return _blocks(offset, 2).reshape(scale.shape).contiguous()
+
+
+def scales_from_kernel_layout(scale: torch.Tensor) -> torch.Tensor:
+    """The kernels' bf16 scales -> E4M3 block scales in ModelOpt order (exact inverse of `scales_to_kernel_layout`)."""
+    _require_tensor("scale", scale)
+    _require_dtype("scale", scale, (torch.bfloat16,))
+    _check_kernel_shape("scale", scale, 16)
+    *lead, n, k16 = scale.shape
+    blocks = scale.reshape(*lead, n // KERNEL_ROWS, k16 // 2, 8, 2, 2)
+    return (_unblocks(blocks).to(torch.float32) / KERNEL_SCALE_OFFSET).to(torch.float8_e4m3fn)

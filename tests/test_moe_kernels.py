@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dgemma_hf.kernels.moe import NVFP4Experts, moe_experts, moe_experts_nvfp4, route
-from dgemma_hf.kernels.nvfp4 import dequantize_nvfp4, quantize_nvfp4, to_kernel_layout
+from dgemma_hf.kernels.nvfp4 import dequantize_nvfp4, quantize_nvfp4, scales_to_kernel_layout, to_kernel_layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -89,11 +89,11 @@ def _nvfp4_experts(experts, hidden, intermediate, generator):
     down_q = quantize_nvfp4(down)
     packed = NVFP4Experts(
         gate_up_packed=to_kernel_layout(torch.cat([gate.packed, up.packed], dim=1)),
-        gate_up_scale=torch.cat([gate.scale, up.scale], dim=1).view(torch.uint8),
+        gate_up_scale=scales_to_kernel_layout(torch.cat([gate.scale, up.scale], dim=1)),
         gate_scale2=gate.weight_scale_2,
         up_scale2=up.weight_scale_2,
         down_packed=to_kernel_layout(down_q.packed),
-        down_scale=down_q.scale.view(torch.uint8),
+        down_scale=scales_to_kernel_layout(down_q.scale),
         down_scale2=down_q.weight_scale_2,
     )
     dequantized_gate_up = torch.cat([dequantize_nvfp4(*gate), dequantize_nvfp4(*up)], dim=1)
@@ -222,59 +222,58 @@ def test_wrapper_checks_name_the_tensor():
         moe_experts_nvfp4(x, index, weights, packed._replace(down_scale=packed.down_scale[:, :, :1].contiguous()))
     with pytest.raises(TypeError, match="up_scale2 must have dtype torch.float32"):
         moe_experts_nvfp4(x, index, weights, packed._replace(up_scale2=packed.up_scale2.double()))
-    odd = torch.empty(packed.down_scale.numel() + 1, dtype=torch.uint8)[1:].view(packed.down_scale.shape)
-    odd.copy_(packed.down_scale)  # same bytes, one byte off an even address
-    with pytest.raises(ValueError, match="down_scale must start at an even address"):
-        moe_experts_nvfp4(x, index, weights, packed._replace(down_scale=odd))
-
-
-def test_kernel_layout_puts_sixteen_consecutive_elements_in_each_nibble_half():
-    codes = torch.arange(64, dtype=torch.uint8) % 16  # one row, K = 64: element k has code k % 16
-    modelopt = codes[0::2] | (codes[1::2] << 4)  # even element in the low nibble
-    kernel = to_kernel_layout(modelopt[None])[0]
-    # Block 0: byte j = element j (low) | element j + 16 (high); elements j and j + 16 share code j % 16.
-    assert kernel[:16].tolist() == [(j % 16) | ((j + 16) % 16) << 4 for j in range(16)]
-    codes = torch.randint(0, 16, (3, 96), dtype=torch.uint8)
-    kernel = to_kernel_layout(codes[:, 0::2] | (codes[:, 1::2] << 4))
-    unpacked = torch.stack((kernel & 15, kernel >> 4), -1).flatten(-2).unflatten(-1, (-1, 16, 2))
-    assert torch.equal(unpacked.transpose(-1, -2).flatten(-3), codes)
-    with pytest.raises(ValueError, match="multiple of 16"):
-        to_kernel_layout(torch.zeros(2, 8, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="down_scale must have dtype torch.bfloat16"):
+        moe_experts_nvfp4(x, index, weights, packed._replace(down_scale=packed.down_scale.view(torch.uint8)[..., ::2]))
+    odd = torch.empty(packed.down_packed.numel() + 1, dtype=torch.uint8)[1:].view(packed.down_packed.shape)
+    odd.copy_(packed.down_packed)  # same bytes, one byte off a 4-byte boundary
+    with pytest.raises(ValueError, match="down_packed must start at a 4-byte aligned address"):
+        moe_experts_nvfp4(x, index, weights, packed._replace(down_packed=odd))
 
 
 @pytest.mark.gpu
 def test_gpu_bf16_decode_is_exact_for_every_code_and_scale():
-    """The GPU-only bf16 path (inline PTX, which the interpreter cannot run): every byte of two E2M1 codes under
-    every pair of finite E4M3 scales (subnormals included) decodes to exactly e2m1 * scale * 2^-7."""
+    """The GPU-only bf16 path (inline PTX, which the interpreter cannot run): every code in each of a word's 8
+    places under every finite E4M3 scale (subnormals included) decodes to exactly e2m1 * scale * 2^-7."""
     if DEVICE != "cuda":
         pytest.skip("inline PTX needs a GPU")
     import triton
     import triton.language as tl
 
-    from dgemma_hf.kernels.moe import _decode_bf16, _e4m3_pairs_bf16
+    from dgemma_hf.kernels.moe import _decode_word
     from dgemma_hf.kernels.nvfp4 import E2M1_VALUES
 
     @triton.jit
-    def probe(packed_ptr, pairs_ptr, low_ptr, high_ptr, n, BLOCK: tl.constexpr):
+    def probe(words_ptr, scales_ptr, out_ptr, n, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = i < n
-        scale_low, scale_high = _e4m3_pairs_bf16(tl.load(pairs_ptr + i, mask=mask, other=0))
-        low, high = _decode_bf16(tl.load(packed_ptr + i, mask=mask, other=0), scale_low, scale_high)
-        tl.store(low_ptr + i, low, mask=mask)
-        tl.store(high_ptr + i, high, mask=mask)
+        s = tl.load(scales_ptr + i, mask=mask, other=0)  # the scale in both halves: rows g and g + 8 alike
+        p0, p1, p2, p3, p4, p5, p6, p7 = _decode_word(tl.load(words_ptr + i, mask=mask, other=0), s, s)
+        tl.store(out_ptr + 8 * i, p0, mask=mask)
+        tl.store(out_ptr + 8 * i + 1, p1, mask=mask)
+        tl.store(out_ptr + 8 * i + 2, p2, mask=mask)
+        tl.store(out_ptr + 8 * i + 3, p3, mask=mask)
+        tl.store(out_ptr + 8 * i + 4, p4, mask=mask)
+        tl.store(out_ptr + 8 * i + 5, p5, mask=mask)
+        tl.store(out_ptr + 8 * i + 6, p6, mask=mask)
+        tl.store(out_ptr + 8 * i + 7, p7, mask=mask)
 
-    finite = torch.arange(127, dtype=torch.int32)  # E4M3 (fn) bit patterns 0..126; 127 is NaN
-    byte, scale_low, scale_high = torch.meshgrid(torch.arange(256, dtype=torch.int32), finite, finite, indexing="ij")
-    byte, scale_low, scale_high = byte.flatten(), scale_low.flatten(), scale_high.flatten()
-    pairs = (scale_low | (scale_high << 8)).to(torch.int16)  # low byte first, as two adjacent scale bytes
-    n = byte.numel()
-    low = torch.empty(n, dtype=torch.bfloat16, device=DEVICE)
-    high = torch.empty_like(low)
-    probe[(triton.cdiv(n, 1024),)](byte.to(torch.uint8).to(DEVICE), pairs.to(DEVICE), low, high, n, BLOCK=1024)
-
-    def value(codes, scales):
-        e4m3 = scales.to(torch.uint8).view(torch.float8_e4m3fn).float()
-        return (E2M1_VALUES[codes] * e4m3 * 2.0**-7).to(torch.bfloat16)
-
-    assert torch.equal(low.cpu(), value(byte & 15, scale_low))
-    assert torch.equal(high.cpu(), value(byte >> 4, scale_high))
+    # Sample i: codes (i + place) % 16 in the 8 places of word (g 0, t 0, h 0) of a 16 x 32 block (place = 2 pair +
+    # w, pair = 2 half + r8: row 8 r8, column 16 half + w), under E4M3 scale pattern i // 16.
+    n = 16 * 127  # E4M3 (fn) patterns 0..126; 127 is NaN
+    i = torch.arange(n)
+    codes = torch.zeros(n, 16, 32, dtype=torch.uint8)
+    for place in range(8):
+        pair, w = divmod(place, 2)
+        half, r8 = divmod(pair, 2)
+        codes[:, 8 * r8, 16 * half + w] = ((i + place) % 16).to(torch.uint8)
+    packed = to_kernel_layout(codes[..., 0::2] | (codes[..., 1::2] << 4))
+    words = packed.reshape(n, -1).view(torch.int32)[:, 0].contiguous()
+    e4m3 = (i // 16).to(torch.uint8).view(torch.float8_e4m3fn)
+    scales = scales_to_kernel_layout(e4m3[:, None, None].expand(n, 16, 2).contiguous())[:, 0, 0].contiguous()
+    bits = scales.view(torch.int16).to(torch.int32) & 0xFFFF
+    scales = bits | (bits << 16)  # int32 scale words, half 0 and half 1 equal
+    out = torch.empty(n, 8, dtype=torch.bfloat16, device=DEVICE)
+    probe[(triton.cdiv(n, 256),)](words.to(DEVICE), scales.to(DEVICE), out, n, BLOCK=256)
+    place_codes = (i[:, None] + torch.arange(8)) % 16
+    want = (E2M1_VALUES[place_codes] * e4m3.float()[:, None] * 2.0**-7).to(torch.bfloat16)
+    assert torch.equal(out.cpu(), want)

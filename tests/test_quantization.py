@@ -24,7 +24,7 @@ from dgemma_hf.kernels.nvfp4 import (
     quantize_nvfp4,
 )
 from dgemma_hf.quantization import NVFP4Config, NVFP4TextExperts
-from dgemma_hf.kernels.nvfp4 import to_kernel_layout
+from dgemma_hf.kernels.nvfp4 import scales_from_kernel_layout, to_kernel_layout
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
 MODELOPT_GROUP = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
@@ -215,7 +215,7 @@ def test_modelopt_checkpoint_loads_and_matches_dequantized_reference(source, mod
             assert torch.equal(experts.gate_up_packed[e], to_kernel_layout(gate_up))
             down = written[key.format(e, "down_proj", "weight")]
             assert torch.equal(experts.down_packed[e], to_kernel_layout(down))
-            assert torch.equal(experts.gate_up_scale[e, :intermediate].view(torch.uint8),
+            assert torch.equal(scales_from_kernel_layout(experts.gate_up_scale[e, :intermediate]).view(torch.uint8),
                                written[key.format(e, "gate_proj", "weight_scale")].view(torch.uint8))
             for proj, buffer in (("gate_proj", experts.gate_scale2), ("up_proj", experts.up_scale2),
                                  ("down_proj", experts.down_scale2)):

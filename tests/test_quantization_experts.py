@@ -9,26 +9,78 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import variant_config
-from dgemma_hf.kernels.nvfp4 import dequantize_nvfp4, from_kernel_layout, quantize_nvfp4, to_kernel_layout
+from dgemma_hf.kernels.nvfp4 import (
+    E2M1_VALUES,
+    KERNEL_ROTATIONS,
+    dequantize_nvfp4,
+    from_kernel_layout,
+    quantize_nvfp4,
+    scales_from_kernel_layout,
+    scales_to_kernel_layout,
+    to_kernel_layout,
+    unpack_e2m1,
+)
 from dgemma_hf.quantization import NVFP4TextExperts
 from dgemma_hf.quantization.layout import dequantize_kernel_layout
 
 
 def test_kernel_layout_inverts():
     generator = torch.Generator().manual_seed(0)
-    packed = torch.randint(0, 256, (3, 8, 48), dtype=torch.uint8, generator=generator)
+    packed = torch.randint(0, 256, (3, 32, 48), dtype=torch.uint8, generator=generator)
     kernel = to_kernel_layout(packed)
-    assert not torch.equal(kernel, packed)
+    assert kernel.shape == packed.shape and not torch.equal(kernel, packed)
     assert torch.equal(from_kernel_layout(kernel), packed)
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ValueError, match="K a multiple of 32"):
         from_kernel_layout(packed[..., :8])
+    with pytest.raises(ValueError, match="N a multiple of 16"):
+        to_kernel_layout(packed[:, :8])
+
+
+def test_kernel_scales_invert_for_every_e4m3_value():
+    scale = torch.arange(256, dtype=torch.uint8).reshape(16, 16).view(torch.float8_e4m3fn)  # NaN: 0x7F, 0xFF
+    kernel = scales_to_kernel_layout(scale)
+    assert kernel.dtype == torch.bfloat16 and kernel.shape == scale.shape
+    back = scales_from_kernel_layout(kernel)
+    finite = scale.float().isfinite()
+    assert torch.equal(back.view(torch.uint8)[finite], scale.view(torch.uint8)[finite])
+    assert back.float()[~finite].isnan().all()
+    # The values are the scales times 2^119 (exact), only reordered within each 16 rows x 32 K elements.
+    values = kernel.float().flatten()
+    assert torch.equal(values[values.isfinite()].sort().values, (scale.float()[finite] * 2.0**119).sort().values)
+    with pytest.raises(TypeError, match="scale"):
+        scales_to_kernel_layout(scale.float())
+
+
+def test_kernel_layout_bits_land_where_bf16_reads_them():
+    """What the kernel's PTX relies on: in each int32 word (per 16 rows x 32 K: [g 8][t 4][h 2]), rotating left by
+    KERNEL_ROTATIONS[pair][bit] puts every code bit of pair (half, row) = (0, g), (0, g + 8), (1, g), (1, g + 8)
+    at bf16's sign / e e m bits of its lane (K-neighbour w), where the lane reads as the E2M1 value * 2^-126."""
+    generator = torch.Generator().manual_seed(3)
+    packed = torch.randint(0, 256, (32, 64), dtype=torch.uint8, generator=generator)  # N 32, K 128
+    codes = unpack_e2m1(packed)
+    words = to_kernel_layout(packed).reshape(2, 4, 8, 4, 2, 4).contiguous().view(torch.int32).squeeze(-1)
+    masks = (0x8000, 0x0100, 0x0080, 0x0040)  # sign, e1, e0, m in a bf16 lane
+    for group, block, g, t, h in [(0, 0, 0, 0, 0), (1, 3, 7, 3, 1), (0, 2, 5, 1, 0), (1, 1, 2, 2, 1)]:
+        word = int(words[group, block, g, t, h]) & 0xFFFFFFFF
+        for pair, rotations in enumerate(KERNEL_ROTATIONS):
+            half, r8 = divmod(pair, 2)
+            bits = 0
+            for rotation, mask in zip(rotations, masks):
+                rotated = ((word << rotation) | (word >> (32 - rotation))) & 0xFFFFFFFF if rotation else word
+                bits |= rotated & (mask | mask << 16)
+            for w in range(2):
+                lane = torch.tensor([(bits >> (16 * w)) & 0xFFFF], dtype=torch.int32).to(torch.int16)
+                value = lane.view(torch.bfloat16).double().item() * 2.0**126
+                row, k = 16 * group + 8 * r8 + g, 32 * block + 16 * half + 8 * h + 2 * t + w
+                assert value == E2M1_VALUES[int(codes[row, k])].item()
 
 
 def test_kernel_layout_decodes_bitwise_like_modelopt_bytes():
     weight = torch.randn(16, 96, generator=torch.Generator().manual_seed(1))
     q = quantize_nvfp4(weight)
     want = dequantize_nvfp4(q.packed, q.scale, q.weight_scale_2)
-    got = dequantize_kernel_layout(to_kernel_layout(q.packed), q.scale, q.weight_scale_2, torch.float32)
+    got = dequantize_kernel_layout(to_kernel_layout(q.packed), scales_to_kernel_layout(q.scale), q.weight_scale_2,
+                                   torch.float32)
     assert torch.equal(got, want)
     assert (got - weight).abs().max() < 0.2 * weight.abs().max()  # it decodes the weight, not something else
 
@@ -45,11 +97,11 @@ def _experts(implementation, seed=0):
     gate, up, dn = quantize_nvfp4(gate_up[:, :i]), quantize_nvfp4(gate_up[:, i:]), quantize_nvfp4(down)
     with torch.no_grad():
         experts.gate_up_packed.copy_(to_kernel_layout(torch.cat((gate.packed, up.packed), dim=1)))
-        experts.gate_up_scale.copy_(torch.cat((gate.scale, up.scale), dim=1))
+        experts.gate_up_scale.copy_(scales_to_kernel_layout(torch.cat((gate.scale, up.scale), dim=1)))
         experts.gate_scale2.copy_(gate.weight_scale_2)
         experts.up_scale2.copy_(up.weight_scale_2)
         experts.down_packed.copy_(to_kernel_layout(dn.packed))
-        experts.down_scale.copy_(dn.scale)
+        experts.down_scale.copy_(scales_to_kernel_layout(dn.scale))
         experts.down_scale2.copy_(dn.weight_scale_2)
     decoded = (
         torch.cat((dequantize_nvfp4(gate.packed, gate.scale, gate.weight_scale_2),

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..model_cards import render_model_card
-from ..kernels.nvfp4 import from_kernel_layout
+from ..kernels.nvfp4 import from_kernel_layout, scales_from_kernel_layout
 from .nvfp4_experts import NVFP4TextExperts
 from .swap import nvfp4_experts_modules
 
@@ -34,7 +34,8 @@ def modelopt_expert_tensors(name: str, experts: NVFP4TextExperts) -> dict[str, t
     i = experts.intermediate_dim
     gate_up = from_kernel_layout(experts.gate_up_packed).cpu()
     down = from_kernel_layout(experts.down_packed).cpu()
-    gate_up_scale, down_scale = experts.gate_up_scale.cpu(), experts.down_scale.cpu()
+    gate_up_scale = scales_from_kernel_layout(experts.gate_up_scale).cpu()
+    down_scale = scales_from_kernel_layout(experts.down_scale).cpu()
     scale2 = {proj: getattr(experts, f"{proj}_scale2").cpu() for proj in ("gate", "up", "down")}
     input_scale = (
         {proj: getattr(experts, f"{proj}_input_scale").cpu() for proj in ("gate", "up", "down")}

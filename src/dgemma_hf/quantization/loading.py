@@ -2,10 +2,10 @@
 
 Pre-quantized checkpoints (ModelOpt / compressed-tensors) store each expert projection on its own; a
 `WeightConverter` per buffer collects the E per-expert tensors of one layer and `StackExperts` builds the buffer:
-codes stacked, gate and up concatenated, converted to the kernels' byte order once here; block scales stacked
-as E4M3; global scales stacked into fp32 [E] (the reciprocal taken for compressed-tensors). A bf16 checkpoint
-quantized on load has its `experts.gate_up_proj` / `experts.down_proj` renamed to the packed buffers and
-quantized by `QuantizeExperts` (the quantizer's `get_quantize_ops`).
+codes stacked, gate and up concatenated, converted to the kernels' layout once here; block scales stacked and
+converted to the kernels' bf16 layout; global scales stacked into fp32 [E] (the reciprocal taken for
+compressed-tensors). A bf16 checkpoint quantized on load has its `experts.gate_up_proj` / `experts.down_proj`
+renamed to the packed buffers and quantized by `QuantizeExperts` (the quantizer's `get_quantize_ops`).
 
 Saving does not go back through these transforms: the quantizer writes the ModelOpt tensors itself
 (`export.modelopt_state_dict`), so their reverse ops are never run.
@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
 
-from ..kernels.nvfp4 import quantize_nvfp4
+from ..kernels.nvfp4 import quantize_nvfp4, scales_to_kernel_layout, to_kernel_layout
 from .formats import CheckpointFormat
-from ..kernels.nvfp4 import to_kernel_layout
 
 CODES, BLOCK_SCALES, GLOBAL_SCALES = "codes", "block_scales", "global_scales"
 
@@ -34,8 +33,8 @@ class StackExperts(ConversionOps):
     """The E per-expert tensors of each source pattern -> one buffer of a `NVFP4TextExperts`.
 
     `kind`: CODES (uint8 [out, in/2] each -> [E, sum(out), in/2] in kernel layout), BLOCK_SCALES (E4M3
-    [out, in/16] each -> [E, sum(out), in/16]) or GLOBAL_SCALES (scalars -> fp32 [E]; `reciprocal` for
-    compressed-tensors' convention). Source patterns are concatenated in their order (gate, up).
+    [out, in/16] each -> bf16 [E, sum(out), in/16] in kernel layout) or GLOBAL_SCALES (scalars -> fp32 [E];
+    `reciprocal` for compressed-tensors' convention). Source patterns are concatenated in their order (gate, up).
     """
 
     def __init__(self, kind: str, reciprocal: bool = False):
@@ -70,7 +69,7 @@ class StackExperts(ConversionOps):
         if self.kind == BLOCK_SCALES:
             if value.dtype != torch.float8_e4m3fn:
                 raise TypeError(f"{full_layer_name}: block scales must be float8_e4m3fn, got {value.dtype}")
-            return {target_patterns[0]: value}
+            return {target_patterns[0]: scales_to_kernel_layout(value)}
         if value.dtype != torch.uint8:
             raise TypeError(f"{full_layer_name}: packed E2M1 codes must be uint8, got {value.dtype}")
         return {target_patterns[0]: to_kernel_layout(value)}
@@ -147,14 +146,14 @@ class QuantizeExperts(ConversionOps):
             down = quantize_nvfp4(dense)
             return {
                 key: to_kernel_layout(down.packed),
-                f"{prefix}.down_scale": down.scale,
+                f"{prefix}.down_scale": scales_to_kernel_layout(down.scale),
                 f"{prefix}.down_scale2": down.weight_scale_2,
             }
         gate = quantize_nvfp4(dense[:, :intermediate])
         up = quantize_nvfp4(dense[:, intermediate:])
         return {
             key: to_kernel_layout(torch.cat((gate.packed, up.packed), dim=1)),
-            f"{prefix}.gate_up_scale": torch.cat((gate.scale, up.scale), dim=1),
+            f"{prefix}.gate_up_scale": scales_to_kernel_layout(torch.cat((gate.scale, up.scale), dim=1)),
             f"{prefix}.gate_scale2": gate.weight_scale_2,
             f"{prefix}.up_scale2": up.weight_scale_2,
         }

@@ -6,10 +6,12 @@ keeps its call signature `(hidden_states [T, H], top_k_index [T, K], top_k_weigh
 Storage (persistent buffers, never trainable; the only copy of the expert weights in memory):
     gate_up_packed  uint8 [E, 2I, H/2]   E2M1 codes in the kernels' layout (`dgemma_hf.kernels.nvfp4.to_kernel_layout`),
                                          gate rows 0..I-1, up rows I..2I-1
-    gate_up_scale   float8_e4m3fn [E, 2I, H/16]  block scales, ModelOpt order (the kernel reads their bytes)
+    gate_up_scale   bfloat16 [E, 2I, H/16]  block scales in the kernels' layout (E4M3 value * 2^119,
+                                         `dgemma_hf.kernels.nvfp4.scales_to_kernel_layout`)
     gate_scale2, up_scale2  float32 [E]  per-expert global scales (ModelOpt `weight_scale_2`), gate and up
                                          kept separate
-    down_packed     uint8 [E, H, I/2], down_scale float8_e4m3fn [E, H, I/16], down_scale2 float32 [E]
+    down_packed     uint8 [E, H, I/2], down_scale bfloat16 [E, H, I/16] (both kernel layout), down_scale2
+                                         float32 [E]
     gate_input_scale, up_input_scale, down_input_scale  float32 [E], only for W4A4-calibrated checkpoints:
                                          carried for export, never used here (this module runs W4A16)
 
@@ -43,11 +45,11 @@ _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # Buffer name -> storage dtype. The order is the order of `state_dict()`.
 WEIGHT_BUFFERS = {
     "gate_up_packed": torch.uint8,
-    "gate_up_scale": torch.float8_e4m3fn,
+    "gate_up_scale": torch.bfloat16,
     "gate_scale2": torch.float32,
     "up_scale2": torch.float32,
     "down_packed": torch.uint8,
-    "down_scale": torch.float8_e4m3fn,
+    "down_scale": torch.bfloat16,
     "down_scale2": torch.float32,
 }
 INPUT_SCALE_BUFFERS = ("gate_input_scale", "up_input_scale", "down_input_scale")
@@ -168,16 +170,16 @@ class NVFP4TextExperts(nn.Module):
         return "gate_input_scale" in self._buffers
 
     def kernel_weights(self):
-        """The buffers as the Triton kernel takes them (zero-copy views: scales as their uint8 bytes)."""
+        """The buffers as the Triton kernel takes them (the buffers themselves: they are in its layout)."""
         from ..kernels.moe import NVFP4Experts
 
         return NVFP4Experts(
             gate_up_packed=self.gate_up_packed,
-            gate_up_scale=self.gate_up_scale.view(torch.uint8),
+            gate_up_scale=self.gate_up_scale,
             gate_scale2=self.gate_scale2,
             up_scale2=self.up_scale2,
             down_packed=self.down_packed,
-            down_scale=self.down_scale.view(torch.uint8),
+            down_scale=self.down_scale,
             down_scale2=self.down_scale2,
         )
 
@@ -205,7 +207,7 @@ class NVFP4TextExperts(nn.Module):
         return torch.cat((gate, up), dim=1), decode(self.down_packed, self.down_scale, self.down_scale2)
 
     def _apply(self, fn, recurse=True):
-        # The storage dtypes are the format (uint8 codes, E4M3 scales, fp32 global scales): a model-wide
+        # The storage dtypes are the format (uint8 codes, bf16 kernel-layout scales, fp32 global scales): a model-wide
         # `.to(dtype)` may move these buffers, never cast them (casting would destroy the codes and round the
         # scales). The cast result is dropped and the original moved instead.
         def move_only(tensor):

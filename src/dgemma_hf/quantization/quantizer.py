@@ -28,7 +28,7 @@ from ..checkpoint import CheckpointError
 from . import formats
 from .configs import CompressedTensorsNVFP4Config, ModelOptNVFP4Config
 from .export import modelopt_state_dict
-from .loading import QuantizeExperts, prequantized_converters, quantize_on_load_renamings
+from .loading import QuantizeExperts, StackExperts, prequantized_converters, quantize_on_load_renamings
 from .nvfp4_experts import NVFP4TextExperts
 from .swap import find_moe_layers, nvfp4_experts_modules, swap_in_nvfp4_experts
 from .validation import ExpertsShape, check_dense, check_prequantized, read_headers
@@ -82,6 +82,13 @@ class NVFP4ExpertsQuantizer(HfQuantizer):
 
     def update_weight_conversions(self, weight_conversions, model):
         return super().update_weight_conversions(weight_conversions, model) + list(self._transforms)
+
+    def get_new_dtype(self, converter, param, dtype):
+        # The experts' converters read the checkpoint's own dtypes (E4M3 block scales, not the bf16 buffer they
+        # become): no cast on the way from disk.
+        if any(isinstance(op, StackExperts) for op in getattr(converter, "operations", ())):
+            return None
+        return super().get_new_dtype(converter, param, dtype)
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         if self.pre_quantized:
