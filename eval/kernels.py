@@ -113,7 +113,7 @@ def sweep_configs(tokens: int, nvfp4: bool):
     block_ms = (16, 32) if small else (64, 128)
     if nvfp4:  # weights on the MMA's M side (swap_ab); BLOCK_K, the pipelined K step, a multiple of 32
         if small:
-            return list(itertools.product((32, 64), (64,), (32, 64, 128), (4,), (3, 4), (True,)))
+            return list(itertools.product((32, 64), (64, 128), (32, 64), (4,), (3, 4), (True,)))
         return list(itertools.product(block_ms, (64, 128), (64,), (4, 8), (3, 4), (True,)))
     return list(itertools.product(block_ms, (64, 128), (64, 128) if small else (64,), (4,), (3, 4)))
 
