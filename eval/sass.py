@@ -115,7 +115,7 @@ def mma_serialized(compiled, work_dir: Path, tag: str) -> bool:
     ptx = work_dir / f"{tag}.ptx"
     ptx.write_text(compiled.asm["ptx"])
     arch = compiled.metadata.target.arch
-    ptxas = get_ptxas(arch).path  # the one Triton assembled it with
+    ptxas = get_ptxas(arch).path  # the one Triton assembled it with (triton 3.6 and 3.9 both have this signature)
     run = subprocess.run([ptxas, f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", str(ptx),
                           "-o", str(work_dir / f"{tag}.ptxas.cubin")], capture_output=True, text=True, check=True)
     return "C7515" in run.stdout + run.stderr

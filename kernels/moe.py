@@ -69,8 +69,8 @@ def _gelu_tanh(x):
 
 
 # Dequantized NVFP4 weights come out as e2m1 * scale * 2^-7: a pair's code bits placed where bf16 has them read as
-# the E2M1 value * 2^-126, and the kernel-layout scales are scale * 2^119 (`nvfp4.to_kernel_layout`); exact in bf16,
-# fp16 and fp32 for every code and scale. The accumulator gets 2^7 back together with the fp32 global scale.
+# the E2M1 value * 2^-126, and the kernel-layout scales are scale * 2^119 (`nvfp4.scales_to_kernel_layout`); exact
+# in bf16, fp16 and fp32 for every code and scale. The accumulator gets 2^7 back together with the fp32 global scale.
 _NVFP4_OFFSET = tl.constexpr(128.0)
 
 

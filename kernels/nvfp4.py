@@ -329,22 +329,43 @@ def _unblocks(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.transpose(-3, -2).movedim(-4, -2).reshape(*lead, groups * KERNEL_ROWS, nblocks * kb)
 
 
+def _pair_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte tables for the words. A pair's two codes are one ModelOpt byte (K-neighbours: low nibble lane 0), so a
+    word is the bit permutation of 4 such bytes (pair p's at bits 8p..8p+7, the "natural" word) that puts every
+    code bit where `_word_bit` says. `placed[p, byte]`: pair p's byte placed in the word; `natural[i, byte]`: byte
+    i of a word sent back to the natural word. int64, so bit 31 needs no care."""
+    placed = torch.zeros(4, 256, dtype=torch.int64)
+    natural = torch.zeros(4, 256, dtype=torch.int64)
+    value = torch.arange(256, dtype=torch.int64)
+    for pair in range(4):
+        for lane in range(2):
+            for bit in range(4):
+                source = 4 * lane + _CODE_BITS[bit]  # the bit in the ModelOpt byte
+                target = _word_bit(pair, lane, bit)
+                placed[pair] |= ((value >> source) & 1) << target
+                natural[target // 8] |= ((value >> (target % 8)) & 1) << (8 * pair + source)
+    return placed, natural
+
+
+_PLACED, _NATURAL = _pair_tables()
+
+
 def to_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
     """ModelOpt bytes [..., N, K/2] (element 2j low nibble, 2j+1 high) -> the kernels' layout (see above), same
     shape and dtype. N must be a multiple of 16 and K of 32. Done once, at load time."""
     _require_tensor("packed", packed)
     _require_dtype("packed", packed, (torch.uint8,))
     _check_kernel_shape("packed", packed, 2)
-    codes = _blocks(unpack_e2m1(packed), KERNEL_BLOCK)  # [..., G, B, g, r8, 32 = half h t w]
-    codes = codes.unflatten(-1, (2, 2, 4, 2)).to(torch.int32)  # [..., G, B, g, r8, half, h, t, w]
-    words = torch.zeros(codes.shape[:-6] + (8, 4, 2), dtype=torch.int32, device=packed.device)  # [.., g, t, h]
-    for half in range(2):
-        for r8 in range(2):
-            for lane in range(2):
-                code = codes[..., r8, half, :, :, lane].transpose(-1, -2)  # [..., G, B, g, t, h]
-                for bit in range(4):
-                    words |= ((code >> _CODE_BITS[bit]) & 1) << _word_bit(2 * half + r8, lane, bit)
-    return words.view(torch.uint8).reshape(packed.shape)
+    *lead, n, half_k = packed.shape
+    # Bytes as [..., G, r8, g, B, half, h, t] (row 16 G + 8 r8 + g, byte of the block 8 half + 4 h + t) -> the
+    # words' order [..., G, B, g, t, h] with the 4 pairs (half, r8) last.
+    pairs = packed.reshape(*lead, n // KERNEL_ROWS, 2, 8, half_k * 2 // KERNEL_BLOCK, 2, 2, 4)
+    depth = len(lead)
+    pairs = pairs.permute(*range(depth), depth, depth + 3, depth + 2, depth + 6, depth + 5, depth + 4, depth + 1)
+    pairs = pairs.reshape(*pairs.shape[:-2], 4).long()
+    table = _PLACED.to(packed.device)
+    words = table[0][pairs[..., 0]] | table[1][pairs[..., 1]] | table[2][pairs[..., 2]] | table[3][pairs[..., 3]]
+    return words.to(torch.int32).view(torch.uint8).reshape(packed.shape)  # int64 -> int32 keeps the low 32 bits
 
 
 def from_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
@@ -353,23 +374,20 @@ def from_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
     _require_dtype("packed", packed, (torch.uint8,))
     _check_kernel_shape("packed", packed, 2)
     *lead, n, half_k = packed.shape
-    words = packed.reshape(*lead, n // KERNEL_ROWS, half_k * 2 // KERNEL_BLOCK, 8, 4, 2, 4)
-    words = words.contiguous().view(torch.int32).squeeze(-1)  # [..., G, B, g, t, h]
-    codes = torch.zeros(words.shape[:-2] + (2, 2, 2, 4, 2), dtype=torch.int32, device=packed.device)
-    for half in range(2):
-        for r8 in range(2):
-            for lane in range(2):
-                code = torch.zeros_like(words)
-                for bit in range(4):
-                    code |= ((words >> _word_bit(2 * half + r8, lane, bit)) & 1) << _CODE_BITS[bit]
-                codes[..., r8, half, :, :, lane] = code.transpose(-1, -2)
-    codes = _unblocks(codes.flatten(-4).to(torch.uint8))  # [..., N, K]
-    return pack_e2m1(codes)
+    groups, blocks = n // KERNEL_ROWS, half_k * 2 // KERNEL_BLOCK
+    data = packed.reshape(*lead, groups, blocks, 8, 4, 2, 4).long()  # [..., G, B, g, t, h, word byte]
+    table = _NATURAL.to(packed.device)
+    natural = table[0][data[..., 0]] | table[1][data[..., 1]] | table[2][data[..., 2]] | table[3][data[..., 3]]
+    pairs = torch.stack([(natural >> (8 * pair)) & 0xFF for pair in range(4)], dim=-1).to(torch.uint8)
+    pairs = pairs.unflatten(-1, (2, 2))  # [..., G, B, g, t, h, half, r8]
+    depth = len(lead)
+    pairs = pairs.permute(*range(depth), depth, depth + 6, depth + 2, depth + 1, depth + 5, depth + 4, depth + 3)
+    return pairs.reshape(packed.shape)
 
 
 def scales_to_kernel_layout(scale: torch.Tensor) -> torch.Tensor:
     """E4M3 block scales [..., N, K/16] (ModelOpt order) -> the kernels' bf16 scales (scale * 2^119, reordered, same
-    shape; see above). Exact for every E4M3 value, NaN included."""
+    shape; see above). Exact for every finite E4M3 value; NaN stays NaN."""
     _require_tensor("scale", scale)
     _require_dtype("scale", scale, (torch.float8_e4m3fn,))
     _check_kernel_shape("scale", scale, 16)
@@ -378,7 +396,8 @@ def scales_to_kernel_layout(scale: torch.Tensor) -> torch.Tensor:
 
 
 def scales_from_kernel_layout(scale: torch.Tensor) -> torch.Tensor:
-    """The kernels' bf16 scales -> E4M3 block scales in ModelOpt order (exact inverse of `scales_to_kernel_layout`)."""
+    """The kernels' bf16 scales -> E4M3 block scales in ModelOpt order: the inverse of `scales_to_kernel_layout`,
+    byte for byte except NaN (0x7F comes back as 0xFF)."""
     _require_tensor("scale", scale)
     _require_dtype("scale", scale, (torch.bfloat16,))
     _check_kernel_shape("scale", scale, 16)

@@ -233,7 +233,8 @@ def test_wrapper_checks_name_the_tensor():
 @pytest.mark.gpu
 def test_gpu_bf16_decode_is_exact_for_every_code_and_scale():
     """The GPU-only bf16 path (inline PTX, which the interpreter cannot run): every code in each of a word's 8
-    places under every finite E4M3 scale (subnormals included) decodes to exactly e2m1 * scale * 2^-7."""
+    places under every finite E4M3 scale (subnormals included), each pair under its own scale, decodes to exactly
+    e2m1 * scale * 2^-7."""
     if DEVICE != "cuda":
         pytest.skip("inline PTX needs a GPU")
     import triton
@@ -243,11 +244,12 @@ def test_gpu_bf16_decode_is_exact_for_every_code_and_scale():
     from dgemma_hf.kernels.nvfp4 import E2M1_VALUES
 
     @triton.jit
-    def probe(words_ptr, scales_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    def probe(words_ptr, scales_g_ptr, scales_g8_ptr, out_ptr, n, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = i < n
-        s = tl.load(scales_ptr + i, mask=mask, other=0)  # the scale in both halves: rows g and g + 8 alike
-        p0, p1, p2, p3, p4, p5, p6, p7 = _decode_word(tl.load(words_ptr + i, mask=mask, other=0), s, s)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _decode_word(tl.load(words_ptr + i, mask=mask, other=0),
+                                                      tl.load(scales_g_ptr + i, mask=mask, other=0),
+                                                      tl.load(scales_g8_ptr + i, mask=mask, other=0))
         tl.store(out_ptr + 8 * i, p0, mask=mask)
         tl.store(out_ptr + 8 * i + 1, p1, mask=mask)
         tl.store(out_ptr + 8 * i + 2, p2, mask=mask)
@@ -258,7 +260,7 @@ def test_gpu_bf16_decode_is_exact_for_every_code_and_scale():
         tl.store(out_ptr + 8 * i + 7, p7, mask=mask)
 
     # Sample i: codes (i + place) % 16 in the 8 places of word (g 0, t 0, h 0) of a 16 x 32 block (place = 2 pair +
-    # w, pair = 2 half + r8: row 8 r8, column 16 half + w), under E4M3 scale pattern i // 16.
+    # w, pair = 2 half + r8: row 8 r8, column 16 half + w); pair p under E4M3 pattern (i // 16 + 31 p) % 127.
     n = 16 * 127  # E4M3 (fn) patterns 0..126; 127 is NaN
     i = torch.arange(n)
     codes = torch.zeros(n, 16, 32, dtype=torch.uint8)
@@ -268,12 +270,13 @@ def test_gpu_bf16_decode_is_exact_for_every_code_and_scale():
         codes[:, 8 * r8, 16 * half + w] = ((i + place) % 16).to(torch.uint8)
     packed = to_kernel_layout(codes[..., 0::2] | (codes[..., 1::2] << 4))
     words = packed.reshape(n, -1).view(torch.int32)[:, 0].contiguous()
-    e4m3 = (i // 16).to(torch.uint8).view(torch.float8_e4m3fn)
-    scales = scales_to_kernel_layout(e4m3[:, None, None].expand(n, 16, 2).contiguous())[:, 0, 0].contiguous()
-    bits = scales.view(torch.int16).to(torch.int32) & 0xFFFF
-    scales = bits | (bits << 16)  # int32 scale words, half 0 and half 1 equal
+    patterns = (i[:, None] // 16 + 31 * torch.arange(4)) % 127  # [n, pair]
+    e4m3 = patterns.to(torch.uint8).view(torch.float8_e4m3fn)
+    bits = (e4m3.float() * 2.0**119).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF  # kernel scales
+    scales_g = bits[:, 0] | (bits[:, 2] << 16)  # row g: half 0 (pair 0), half 1 (pair 2)
+    scales_g8 = bits[:, 1] | (bits[:, 3] << 16)  # row g + 8: pairs 1 and 3
     out = torch.empty(n, 8, dtype=torch.bfloat16, device=DEVICE)
-    probe[(triton.cdiv(n, 256),)](words.to(DEVICE), scales.to(DEVICE), out, n, BLOCK=256)
+    probe[(triton.cdiv(n, 256),)](words.to(DEVICE), scales_g.to(DEVICE), scales_g8.to(DEVICE), out, n, BLOCK=256)
     place_codes = (i[:, None] + torch.arange(8)) % 16
-    want = (E2M1_VALUES[place_codes] * e4m3.float()[:, None] * 2.0**-7).to(torch.bfloat16)
+    want = (E2M1_VALUES[place_codes] * e4m3.float().repeat_interleave(2, dim=1) * 2.0**-7).to(torch.bfloat16)
     assert torch.equal(out.cpu(), want)

@@ -355,6 +355,8 @@ def test_save_writes_modelopt_layout_and_round_trips_bit_exactly(modelopt_ckpt, 
                                         "exclude_modules": MODELOPT_CONFIG["ignore"]}
     card = (tmp_path / "a" / "README.md").read_text()
     assert "NVFP4" in card and "3 MoE layers x 4 experts" in card and "$" not in card
+    expert_bytes = sum(t.numel() * t.element_size() for key, t in saved.items() if ".experts." in key)
+    assert f"Expert weights: {expert_bytes / 2**10:.1f} KiB in NVFP4" in card  # the file's size, E4M3 scales
     # Loading what was saved gives the same buffers; saving again gives the same file.
     again = AutoModel.from_pretrained(tmp_path / "a")
     for (name, a), (_, b) in zip(model.named_buffers(), again.named_buffers()):

@@ -7,7 +7,7 @@
   reference elsewhere); everything else stays as stored.
 - `save_pretrained` writes ModelOpt's layout (and a model card); loading it back is bit-exact.
 
-Modules: `layout` (ModelOpt <-> kernel byte order), `nvfp4_experts` (the module and its experts backends),
+Modules: `layout` (decoding the kernels' layout in torch), `nvfp4_experts` (the module and its experts backends),
 `formats` (tensor names per checkpoint format), `configs`, `validation` (header checks), `swap` (module
 replacement, encoder/decoder sharing), `loading` (weight converters), `quantizer`, `export`, `registration`.
 """

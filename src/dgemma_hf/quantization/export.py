@@ -82,7 +82,11 @@ def model_card(model) -> str:
     modules = list(nvfp4_experts_modules(model).values())
     first = modules[0]
     quantization = model.config.quantization_config
-    nvfp4_bytes = sum(buffer.numel() * buffer.element_size() for m in modules for buffer in m.buffers())
+    # The checkpoint's size: its block scales are E4M3 (one byte), the bf16 in memory is the kernels' layout.
+    nvfp4_bytes = sum(
+        buffer.numel() * (1 if name in ("gate_up_scale", "down_scale") else buffer.element_size())
+        for m in modules for name, buffer in m.named_buffers()
+    )
     bf16_bytes = sum(3 * m.num_experts * m.hidden_dim * m.intermediate_dim * 2 for m in modules)
     if first.has_input_scales:
         activations = (

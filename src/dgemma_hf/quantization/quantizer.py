@@ -6,7 +6,8 @@ Pre-quantized (`ModelOptNVFP4Quantizer`, `CompressedTensorsNVFP4Quantizer`), in 
    `CheckpointError` naming the tensor before any weight is read; swaps in `NVFP4TextExperts` (one module per
    layer, shared by encoder and decoder); reads the small tensors carried to the export (KV-cache scales).
 2. `update_weight_conversions`: adds the converters that stack the per-expert tensors into the buffers
-   (kernel byte order for the codes, done once here).
+   (the kernels' layouts for the codes and the block scales, done once here; `get_new_dtype` keeps the
+   checkpoint's dtypes on the way from disk, so the E4M3 scales reach the converter as stored).
 3. transformers loads; `_process_model_after_weight_loading` checks the global scales' values (naming a bad
    one) and sets the ModelOpt config the model saves with (DiffusionGemmaForMaskedGeneration.save_pretrained
    writes the rest) (`export.py`).
