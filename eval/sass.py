@@ -121,10 +121,13 @@ def mma_serialized(compiled, work_dir: Path, tag: str) -> bool:
     return "C7515" in run.stdout + run.stderr
 
 
-def _moe_arg_type(name: str, weight: str) -> str:
-    if name == "w_scale_ptr" and weight == "*u8":
-        return "*bf16"  # NVFP4 block scales in the kernels' bf16 layout
-    return POINTERS.get(name, weight if name.startswith("w_") else "i32")
+# The weight arguments per format: NVFP4 codes as bytes and block scales in the kernels' bf16 layout; bf16 kernels
+# get the weight tensor for both.
+WEIGHTS = {"nvfp4": {"w_ptr": "*u8", "w_scale_ptr": "*bf16"}, "bf16": {"w_ptr": "*bf16", "w_scale_ptr": "*bf16"}}
+
+
+def _moe_arg_type(name: str, weights: dict) -> str:
+    return POINTERS.get(name) or weights.get(name, "i32")
 
 
 def rows(formats, portable: bool, arch: int):
@@ -134,7 +137,7 @@ def rows(formats, portable: bool, arch: int):
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in formats:
             nvfp4 = fmt == "nvfp4"
-            arg_type = functools.partial(_moe_arg_type, weight="*u8" if nvfp4 else "*bf16")
+            arg_type = functools.partial(_moe_arg_type, weights=WEIGHTS[fmt])
             for limit, block_m, block_n, block_k, warps, stages, *swap in tables[fmt]:
                 constants = dict(NVFP4=nvfp4, FAST_BF16=nvfp4 and not portable, SWAP_AB=bool(swap and swap[0]),
                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
