@@ -108,13 +108,14 @@ def time_ms(fn) -> dict:
 
 
 def sweep_configs(tokens: int, nvfp4: bool):
-    """Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, swap_ab]) around the shape's tile size."""
+    """Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, swap_ab, down BLOCK_N]) around the shape's tile
+    size."""
     small = tokens <= 512
     block_ms = (16, 32) if small else (64, 128)
-    if nvfp4:  # weights on the MMA's M side (swap_ab); BLOCK_K, the pipelined K step, a multiple of 32
+    if nvfp4:  # weights on the MMA's M side (swap_ab); BLOCK_K, the pipelined K step, a multiple of 32; down's BLOCK_N
         if small:
-            return list(itertools.product((32, 64), (64, 128), (32, 64), (4,), (3, 4), (True,)))
-        return list(itertools.product(block_ms, (64, 128), (64,), (4, 8), (3, 4), (True,)))
+            return list(itertools.product((32, 64), (64, 128), (32, 64), (4,), (3, 4), (True,), (64, 128, 256)))
+        return list(itertools.product(block_ms, (64, 128), (64,), (4, 8), (3, 4), (True,), (64, 128, 256)))
     return list(itertools.product(block_ms, (64, 128), (64, 128) if small else (64,), (4,), (3, 4)))
 
 

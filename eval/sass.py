@@ -12,8 +12,9 @@ instruction count, instructions per weight element a thread handles per iteratio
 whether ptxas serialised its warpgroup MMAs (it does when it cannot pipeline them; an H200 measured such NVFP4
 configs 1.3-1.8x slower).
 
-An NVFP4 kernel at a small batch is bound by instruction issue, not bytes (REFERENCE.md's floor is bytes): this
-count is what a change to the decode or the tiles moves, and it costs no device time. Timing still needs a GPU
+The count is what a change to the decode or the tiles moves, and it costs no device time; it is not the whole
+story: on an H200, 7-13% fewer instructions in the NVFP4 loop changed no time, and Nsight Compute found the weight
+loads' coalescing to be what held the kernel back (eval/results/2026-11-28-session8/). Timing still needs a GPU
 (`python -m eval.kernels`).
 
 `--attention` compiles `dgemma_hf.kernels.attention`'s kernel instead, bf16 with the tuned tiles, for 26B-A4B's
@@ -138,16 +139,19 @@ def rows(formats, portable: bool, arch: int):
         for fmt in formats:
             nvfp4 = fmt == "nvfp4"
             arg_type = functools.partial(_moe_arg_type, weights=WEIGHTS[fmt])
-            for limit, block_m, block_n, block_k, warps, stages, *swap in tables[fmt]:
-                constants = dict(NVFP4=nvfp4, FAST_BF16=nvfp4 and not portable, SWAP_AB=bool(swap and swap[0]),
-                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-                # Gate and up: two weight tiles of BLOCK_N x BLOCK_K a step; down: one.
-                for name, kernel, tiles in (("gate_up", moe._gate_up_kernel, 2), ("down", moe._down_kernel, 1)):
-                    compiled = compile_kernel(kernel, constants, warps, stages, arch, arg_type, DIVISIBLE.__contains__)
-                    facts = inspect_kernel(compiled, Path(tmp), f"{fmt}_{name}_{block_m}_{block_n}_{block_k}")
-                    per_thread = tiles * block_n * block_k / (warps * 32)
+            for limit, block_m, block_n, block_k, warps, stages, *extra in tables[fmt]:
+                constants = dict(NVFP4=nvfp4, FAST_BF16=nvfp4 and not portable, SWAP_AB=bool(extra and extra[0]),
+                                 BLOCK_M=block_m, BLOCK_K=block_k)
+                down_block_n = extra[1] if len(extra) > 1 else block_n
+                # Gate and up: two weight tiles of BLOCK_N x BLOCK_K a step; down: one, of its own BLOCK_N.
+                for name, kernel, tiles, width in (("gate_up", moe._gate_up_kernel, 2, block_n),
+                                                   ("down", moe._down_kernel, 1, down_block_n)):
+                    compiled = compile_kernel(kernel, {**constants, "BLOCK_N": width}, warps, stages, arch, arg_type,
+                                              DIVISIBLE.__contains__)
+                    facts = inspect_kernel(compiled, Path(tmp), f"{fmt}_{name}_{block_m}_{width}_{block_k}")
+                    per_thread = tiles * width * block_k / (warps * 32)
                     yield {"format": fmt, "kernel": name, "mean_pairs_up_to": limit,
-                           "config": [block_m, block_n, block_k, warps, stages, *swap],
+                           "config": [block_m, block_n, block_k, warps, stages, *extra],
                            "per_weight": facts["loop_instructions"] / per_thread, **facts}
 
 

@@ -38,13 +38,14 @@ _CONFIGS = (
     (96, 64, 128, 64, 4, 4),
     (float("inf"), 128, 128, 64, 8, 3),
 )
-# NVFP4 weights, with swap_ab last (weights on the MMA's M side, in registers): the best of `python -m eval.kernels
-# --sweep --formats nvfp4` on an H200 (2026-11-28, seventh session's kernel) at 256 and 2048 tokens, and of a smaller
-# sweep at 1024. BLOCK_K is the K step of the pipelined loop; the MMAs take 32 elements at a time.
+# NVFP4 weights, with swap_ab (weights on the MMA's M side, in registers) and the down kernel's own BLOCK_N last: the
+# best of per-kernel sweeps on an H200 (2026-11-28, eighth session, after the coalesced weight loads) at 256, 1024
+# and 2048 tokens. BLOCK_K is the K step of the pipelined loop; the MMAs take 32 elements at a time. Down reduces
+# over only 704 elements, so wider weight tiles (fewer programs re-reading the activations) pay off there.
 _NVFP4_CONFIGS = (
-    (24, 32, 64, 64, 4, 4, True),
-    (96, 64, 64, 64, 4, 4, True),
-    (float("inf"), 128, 64, 64, 4, 3, True),
+    (24, 32, 128, 64, 4, 4, True, 256),
+    (96, 64, 128, 64, 4, 3, True, 128),
+    (float("inf"), 128, 64, 64, 4, 3, True, 128),
 )
 
 
@@ -53,7 +54,8 @@ _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def pick_config(num_pairs: int, num_experts: int, nvfp4: bool = False) -> tuple:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), plus swap_ab for NVFP4, by mean pairs per expert."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), plus swap_ab and the down kernel's BLOCK_N for NVFP4, by
+    mean pairs per expert."""
     mean = num_pairs / num_experts
     for limit, *config in _NVFP4_CONFIGS if nvfp4 else _CONFIGS:
         if mean <= limit:
@@ -176,19 +178,17 @@ def _nvfp4_tile(packed_ptr, scale_ptr, row0, rows_left, k0, K, compute_dtype: tl
     G: tl.constexpr = BLOCK_N // 16
     group = row0 // 16 + tl.arange(0, G)
     ok = (16 * tl.arange(0, G) < rows_left) & (k0 + tl.zeros((G,), tl.int32) < K)
-    g = tl.arange(0, 8)
-    t = tl.arange(0, 4)
-    h = tl.arange(0, 2)
-    # Per 16 rows and 32 K elements: 64 int32 words [g][t][h] of codes ...
-    words = (group * (2 * K) + 2 * k0)[:, None, None, None] + (8 * g)[None, :, None, None] \
-        + (2 * t)[None, None, :, None] + h[None, None, None, :]
-    words = tl.load(packed_ptr.to(tl.pointer_type(tl.int32)) + words, mask=ok[:, None, None, None], other=0)
+    # Per 16 rows and 32 K elements: 64 contiguous int32 words [g][t][h] of codes ...
+    words = (group * (2 * K) + 2 * k0)[:, None] + tl.arange(0, 64)[None, :]
+    words = tl.load(packed_ptr.to(tl.pointer_type(tl.int32)) + words, mask=ok[:, None], other=0)
     # ... and 32 bf16 scales [g][r8][half]: one int32 word (half 0, half 1) per row, loaded as words so that the
-    # load is wide enough for Triton to pipeline it (cp.async takes 4 bytes or more).
-    r8 = tl.arange(0, 2)
-    scales = (group * (K // 2) + k0 // 2)[:, None, None] + (2 * g)[None, :, None] + r8[None, None, :]
-    scales = tl.load(scale_ptr.to(tl.pointer_type(tl.int32)) + scales, mask=ok[:, None, None], other=0)
-    scales_g, scales_g8 = tl.split(scales)  # [G, g]
+    # load is wide enough for Triton to pipeline it (cp.async takes 4 bytes or more). Both loads are 2D with a
+    # contiguous last axis so that Triton gives a warp consecutive words (a [G, g, t, h] load had its lanes
+    # stride across groups: uncoalesced, and the scales were loaded by every warp).
+    scales = (group * (K // 2) + k0 // 2)[:, None] + tl.arange(0, 16)[None, :]
+    scales = tl.load(scale_ptr.to(tl.pointer_type(tl.int32)) + scales, mask=ok[:, None], other=0)
+    words = tl.reshape(words, (G, 8, 4, 2))
+    scales_g, scales_g8 = tl.split(tl.reshape(scales, (G, 8, 2)))  # [G, g]
     shape: tl.constexpr = (G, 8, 4, 2)
     scales_g = tl.broadcast_to(scales_g[:, :, None, None], shape)
     scales_g8 = tl.broadcast_to(scales_g8[:, :, None, None], shape)
@@ -382,13 +382,18 @@ def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple, dtypes: tuple, 
 
 def _check_config(config, nvfp4: bool) -> None:
     """A benchmark's block sizes, checked before Triton would fail on them with an obscure compile error."""
-    _check(isinstance(config, (tuple, list)) and len(config) in (5, 6) and all(isinstance(v, int) for v in config),
-           f"config must be (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, swap_ab]) of ints, got {config!r}")
-    block_m, block_n, block_k = config[:3]
-    for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k)):
+    _check(isinstance(config, (tuple, list)) and len(config) in (5, 6, 7) and all(isinstance(v, int) for v in config),
+           "config must be (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, swap_ab[, down BLOCK_N]]) of ints, "
+           f"got {config!r}")
+    sizes = dict(BLOCK_M=config[0], BLOCK_N=config[1], BLOCK_K=config[2])
+    if len(config) == 7:
+        sizes["down BLOCK_N"] = config[6]
+    for name, value in sizes.items():
         _check(value >= 16 and value & (value - 1) == 0, f"config's {name} must be a power of two >= 16, got {value}")
-    _check(not nvfp4 or block_k >= 32, f"config's BLOCK_K must be a multiple of 32 for NVFP4 weights, got {block_k}")
-    _check(len(config) == 5 or nvfp4, "config's sixth entry (swap_ab) applies to NVFP4 weights only")
+    _check(not nvfp4 or config[2] >= 32,
+           f"config's BLOCK_K must be a multiple of 32 for NVFP4 weights, got {config[2]}")
+    _check(len(config) == 5 or nvfp4, "config's sixth and seventh entries (swap_ab, down BLOCK_N) apply to NVFP4 "
+           "weights only")
 
 
 def _check_routing_inputs(hidden_states, top_k_index, top_k_weights) -> None:
@@ -417,7 +422,9 @@ def _run(hidden_states, top_k_index, top_k_weights, num_experts, intermediate, g
     num_pairs = tokens * top_k
     if config is not None:
         _check_config(config, nvfp4)
-    block_m, block_n, block_k, num_warps, num_stages, *swap = config or pick_config(num_pairs, num_experts, nvfp4)
+    block_m, block_n, block_k, num_warps, num_stages, *extra = config or pick_config(num_pairs, num_experts, nvfp4)
+    swap_ab = bool(extra and extra[0])
+    down_block_n = extra[1] if len(extra) > 1 else block_n
     if config is None and hidden_states.dtype == torch.float32:
         block_k //= 2  # the table is sized for 2-byte tiles; fp32 ones would overflow shared memory
     routing = route(top_k_index, num_experts, block_m)
@@ -427,15 +434,15 @@ def _run(hidden_states, top_k_index, top_k_weights, num_experts, intermediate, g
     # The bf16 decode is inline PTX, which Triton's CPU interpreter cannot run.
     fast_bf16 = (nvfp4 and hidden_states.dtype == torch.bfloat16 and hidden_states.is_cuda
                  and os.environ.get("TRITON_INTERPRET") != "1")
-    common = dict(NVFP4=nvfp4, FAST_BF16=fast_bf16, SWAP_AB=nvfp4 and bool(swap and swap[0]),
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    common = dict(NVFP4=nvfp4, FAST_BF16=fast_bf16, SWAP_AB=nvfp4 and swap_ab, BLOCK_M=block_m, BLOCK_K=block_k,
+                  num_warps=num_warps, num_stages=num_stages)
     _gate_up_kernel[(max_tiles, triton.cdiv(intermediate, block_n))](
         hidden_states, routing.sorted_pairs, routing.expert_offsets, routing.tile_expert, routing.tile_start,
-        *gate_up_args, act, hidden, intermediate, top_k, **common,
+        *gate_up_args, act, hidden, intermediate, top_k, BLOCK_N=block_n, **common,
     )
-    _down_kernel[(max_tiles, triton.cdiv(hidden, block_n))](
+    _down_kernel[(max_tiles, triton.cdiv(hidden, down_block_n))](
         act, routing.sorted_pairs, routing.expert_offsets, routing.tile_expert, routing.tile_start,
-        top_k_weights, *down_args, pair_out, hidden, intermediate, **common,
+        top_k_weights, *down_args, pair_out, hidden, intermediate, BLOCK_N=down_block_n, **common,
     )
     block_h = min(triton.next_power_of_2(hidden), 1024)
     _combine_kernel[(tokens, triton.cdiv(hidden, block_h))](
@@ -451,7 +458,8 @@ def moe_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_pr
     hidden_states [T, H] bf16/fp16; top_k_index [T, K] int, values in [0, E] (not checked: that would sync); E is
     the sentinel of expert parallelism (another rank's expert): such a pair costs nothing and adds zero;
     top_k_weights [T, K] fp32; `out` [T, H], optional, is written in full. `config` (BLOCK_M, BLOCK_N,
-    BLOCK_K, num_warps, num_stages[, swap_ab]) overrides the tuned table, for benchmarks (swap_ab: NVFP4 only).
+    BLOCK_K, num_warps, num_stages[, swap_ab[, down BLOCK_N]]) overrides the tuned table, for benchmarks (the last
+    two: NVFP4 only; the down kernel takes BLOCK_N unless given its own).
     """
     _check_routing_inputs(hidden_states, top_k_index, top_k_weights)
     hidden = hidden_states.shape[1]

@@ -117,10 +117,12 @@ def test_nvfp4_experts_match_dequantized_reference(tokens, top_k, experts, hidde
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("config", [(16, 32, 64, 4, 2, True), (16, 32, 64, 4, 2, False), (32, 64, 128, 4, 2, True),
-                                    (64, 64, 32, 4, 2, False)])
+                                    (64, 64, 32, 4, 2, False), (16, 32, 64, 4, 2, True, 64),
+                                    (32, 64, 128, 4, 2, True, 16)])
 def test_nvfp4_tile_orientations_and_k_blocks(config, dtype):
     """Both MMA orientations (weights as B, or transposed as A) and K steps of 1, 2 and 4 blocks of 32, one of
-    them past the end of K (hidden 96 = 3 blocks)."""
+    them past the end of K (hidden 96 = 3 blocks); the down kernel with its own BLOCK_N, wider than hidden's last
+    tile (64 on 96 rows) or narrower than gate_up's."""
     generator = torch.Generator().manual_seed(sum(config[:3]))
     index, weights = _routing(29, 2, 4, "random", generator)
     x = torch.randn(29, 96, generator=generator).to(dtype)
@@ -167,7 +169,9 @@ def test_bad_block_configs_are_refused_by_name():
         moe_experts(x, index, weights, gate_up, down, config=(16, 48, 64, 4, 2))
     with pytest.raises(ValueError, match="BLOCK_K must be a multiple of 32 for NVFP4 weights, got 16"):
         moe_experts_nvfp4(x, index, weights, packed, config=(16, 32, 16, 4, 2, True))
-    with pytest.raises(ValueError, match="swap_ab\\) applies to NVFP4 weights only"):
+    with pytest.raises(ValueError, match="down BLOCK_N must be a power of two >= 16, got 48"):
+        moe_experts_nvfp4(x, index, weights, packed, config=(16, 32, 64, 4, 2, True, 48))
+    with pytest.raises(ValueError, match="down BLOCK_N\\) apply to NVFP4 weights only"):
         moe_experts(x, index, weights, gate_up, down, config=(16, 32, 64, 4, 2, True))
 
 
