@@ -15,9 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-# Pairs read per loop step. Bigger steps mean fewer serial iterations in each program; 2048 int64 ids are 16
-# registers a thread at 4 warps.
-_MAX_PAIRS_BLOCK = 2048
+# Pairs read per loop step, and the warps of each program. Bigger steps mean fewer serial iterations in each
+# program; 4096 int64 ids are 16 a thread at 8 warps. On an H200 at 16K pairs (2048 tokens, top-8) this took the
+# launch from 34 us (2048 pairs, 4 warps) to 24 us; at 2K pairs, from 5.9 to 5.0 us.
+_MAX_PAIRS_BLOCK = 4096
+_ROUTE_WARPS = 8
 # Tile-schedule entries written per loop step.
 _TILES_BLOCK = 128
 
@@ -136,6 +138,7 @@ def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Routing:
         top_k_index, top_k_index.stride(0), top_k_index.stride(1), max(top_k, 1), num_pairs, num_experts, max_tiles,
         sorted_pairs, expert_offsets, tile_expert, tile_start,
         BLOCK_M=block_m, EXPERTS_BLOCK=experts_block, PAIRS_BLOCK=pairs_block, TILES_BLOCK=_TILES_BLOCK,
+        num_warps=_ROUTE_WARPS,
     )
     return Routing(sorted_pairs, expert_offsets, tile_expert, tile_start, block_m)
 
