@@ -36,7 +36,11 @@ from .logits_processing import LogitsProcessing, LogitsSettings
 from .stopping import stable_and_confident
 
 SAMPLING_MODES = ("auto", "reference", "fused")
-_SOFT_CHUNK = 16384  # vocabulary columns per chunk when rebuilding softmax for the soft embedding
+# Vocabulary columns per chunk when rebuilding softmax for the soft embedding: a multiple of 16384, as many as keep a
+# chunk's probabilities within 2^24 elements (32 MiB in bf16). A batch-1 canvas (256 rows) then takes 4 GEMMs of 65536
+# columns instead of 16 small split-K ones.
+_SOFT_CHUNK = 16384
+_SOFT_CHUNK_ELEMENTS = 2**24
 _CAPTURED_PROMPT_TOKENS = 4096  # longest prompt pass or chunk (tokens, all rows) that is captured: its graph
 # keeps the pass's activations; past this the GPU's work outweighs the host's launches anyway
 
@@ -212,8 +216,9 @@ class DenoisingEngine:
             rows = rows[:, shard.start : shard.start + shard.size]
         soft = torch.zeros(rows.shape[0], weight.shape[1], dtype=torch.float32, device=rows.device)
         add_chunk = compiled_region(add_soft_embedding_chunk, rows.device)
-        for begin in range(0, weight.shape[0], _SOFT_CHUNK):
-            end = begin + _SOFT_CHUNK
+        chunk = max(1, _SOFT_CHUNK_ELEMENTS // rows.shape[0] // _SOFT_CHUNK) * _SOFT_CHUNK
+        for begin in range(0, weight.shape[0], chunk):
+            end = begin + chunk
             soft = add_chunk(soft, rows[:, begin:end], inv_temperature, log_norm, weight[begin:end])
         if shard is not None:
             torch.distributed.all_reduce(soft, group=shard.group)
