@@ -8,6 +8,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 )
 
 from conftest import build_pair, left_padded_batch, variant_config
+from dgemma_hf.generation import engine as engine_module
 from dgemma_hf.generation.stopping import stable_and_confident
 from dgemma_hf.kernels.sampler import combine_partials, sample_tokens, token_partials
 
@@ -219,9 +220,10 @@ def test_fused_generate_is_repeatable_and_seeded(tokenizer):
     assert torch.equal(a.sequences[:, : input_ids.shape[1]], input_ids)
 
 
-def test_fused_step_logits_and_soft_embedding_equal_upstreams_math(tokenizer):
+def test_fused_step_logits_and_soft_embedding_equal_upstreams_math(tokenizer, monkeypatch):
     """The fused engine's own road to a step's logits (decoder, LM head, one-region softcap) gives upstream's
-    forward's logits (bit for bit on the CPU), and its chunked soft embedding equals softmax @ embedding whole."""
+    forward's logits (bit for bit on the CPU), and its chunked soft embedding equals softmax @ embedding whole, in
+    one chunk (the tiny vocabulary) or in several, the last one partial."""
     config = variant_config("default")
     model, input_ids, attention_mask = _on_device(
         build_pair(config, tokenizer, seed=2)[0], *left_padded_batch(tokenizer, ["Why is the sky blue?", "Hi"]))
@@ -244,6 +246,10 @@ def test_fused_step_logits_and_soft_embedding_equal_upstreams_math(tokenizer):
     log_norm = torch.logsumexp(got * inv_temperature, dim=-1).view(-1)
     embed = model.model.decoder.embed_tokens
     whole = torch.softmax(got * inv_temperature, dim=-1) @ embed.weight.float() * embed.embed_scale
+    torch.testing.assert_close(engine._soft_embedding(got, inv_temperature, log_norm), whole.to(embed.weight.dtype))
+    # An element budget of 100 probabilities a row with 48-column units: chunks of 96 columns, 6 over 512.
+    monkeypatch.setattr(engine_module, "_SOFT_CHUNK", 48)
+    monkeypatch.setattr(engine_module, "_SOFT_CHUNK_ELEMENTS", 100 * got.shape[0] * got.shape[1])
     torch.testing.assert_close(engine._soft_embedding(got, inv_temperature, log_norm), whole.to(embed.weight.dtype))
 
 
