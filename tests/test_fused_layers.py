@@ -55,12 +55,21 @@ def _layer_kwargs(config, index, cache, masks, rotary, positions):
                 past_key_values=cache)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
 @pytest.mark.parametrize("variant", list(TINY_VARIANTS))
-def test_fused_layers_equal_upstream_layers_exactly(variant, tokenizer, region_calls):
-    """On the CPU the regions run eagerly: the same ops as upstream's forward, so identical bits (fp32)."""
+def test_fused_layers_equal_upstream_layers_exactly(variant, packed, tokenizer, region_calls):
+    """On the CPU the regions run eagerly: the same ops as upstream's forward, so identical bits (fp32), whether
+    the q/k/v and gate/up weights are packed (one GEMM a group) or not."""
     config = variant_config(variant)
     model = build_pair(config, tokenizer, seed=3)[0]
     assert all(type(layer) is FusedDecoderLayer for layer in model.model.decoder.layers)
+    if packed:
+        fused_layers.pack_projections(model)
+    with torch.no_grad():
+        for layer in model.model.decoder.layers:  # what the regions get: one tensor per group when packed
+            grouped = fused_layers.fused_projections(layer, torch.zeros(1), {})
+            assert len(grouped["qkv"]) == (1 if packed else len(grouped["qkv_sizes"]))
+            assert len(grouped["gate_up"]) == (1 if packed else 2)
     with torch.no_grad():
         hidden, cache, masks, rotary, positions = _decoder_inputs(model, config, tokenizer, batch=3, seed=1)
         for index, layer in enumerate(model.model.decoder.layers):
@@ -183,7 +192,8 @@ def test_a_region_compiles_past_dynamos_default_limit_and_leaves_it_as_it_was():
 
 
 @pytest.mark.gpu
-def test_compiled_regions_match_eager_regions_on_cuda(tokenizer):
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
+def test_compiled_regions_match_eager_regions_on_cuda(packed, tokenizer):
     """On CUDA the regions are compiled (inductor fuses, so bf16 roundings differ): close to the eager layer,
     and each region compiles once per attention type, not once per layer."""
     from torch._dynamo.utils import counters
@@ -192,6 +202,8 @@ def test_compiled_regions_match_eager_regions_on_cuda(tokenizer):
     counters.clear()  # graphs compiled by earlier tests in this process do not count
     config = variant_config("mha_no_k_eq_v")
     model = build_pair(config, tokenizer, seed=6)[0].to("cuda", torch.bfloat16)
+    if packed:
+        fused_layers.pack_projections(model)
     with torch.no_grad():
         hidden, cache, masks, rotary, positions = _decoder_inputs(model, config, tokenizer, batch=2, seed=3)
         for index, layer in enumerate(model.model.decoder.layers):
@@ -327,3 +339,54 @@ def test_encoder_commits_are_fused_and_equal_upstream_exactly(variant, tokenizer
     assert all(torch.equal(a, b) for a, b in zip(states[0][1], states[1][1]))
     layers = len(ours.model.encoder.language_model.layers)
     assert counts == [0, layers, 0, 0]  # ours: prompt upstream's way, commit fused; upstream: never fused
+
+
+def _group_weights(model):
+    """Every text layer's q/k/v and gate/up weight parameters, per group."""
+    groups = []
+    for layer in [*model.model.encoder.language_model.layers, *model.model.decoder.layers]:
+        attn, mlp = layer.self_attn, layer.mlp
+        groups.append([linear.weight for linear in (attn.q_proj, attn.k_proj, attn.v_proj) if linear is not None])
+        groups.append([mlp.gate_proj.weight, mlp.up_proj.weight])
+    return groups
+
+
+@pytest.mark.parametrize("variant", ["default", "mha_no_k_eq_v"])
+def test_packing_keeps_parameters_values_ties_and_checkpoints(variant, tokenizer, tmp_path):
+    """pack_projections moves storage only: the same parameter objects (encoder and decoder still share them)
+    with the same values, one tensor per group; save_pretrained writes them as separate tensors that load back
+    equal; a dtype change unpacks (the regions then run the GEMMs one by one) and packing again works."""
+    config = variant_config(variant)
+    model = build_pair(config, tokenizer, seed=5)[0]
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    groups = _group_weights(model)
+    assert all(fused_layers.packed_weight(group) is None for group in groups)
+    fused_layers.pack_projections(model)
+    fused_layers.pack_projections(model)  # already packed: nothing moves
+    assert [[id(weight) for weight in group] for group in _group_weights(model)] == [
+        [id(weight) for weight in group] for group in groups]
+    assert all(fused_layers.packed_weight(group) is not None for group in groups)
+    encoder, decoder = model.model.encoder.language_model.layers[0], model.model.decoder.layers[0]
+    assert encoder.self_attn.q_proj.weight is decoder.self_attn.q_proj.weight
+    assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert all(torch.equal(tensor, state[name]) for name, tensor in loaded.state_dict().items())
+
+    model.to(torch.bfloat16)
+    assert all(fused_layers.packed_weight(group) is None for group in _group_weights(model))
+    with torch.no_grad():
+        hidden, cache, masks, rotary, positions = _decoder_inputs(model, config, tokenizer, batch=2, seed=2)
+        separate = model.model.decoder.layers[0](hidden, **_layer_kwargs(config, 0, cache, masks, rotary, positions))
+        fused_layers.pack_projections(model)
+        assert all(fused_layers.packed_weight(group) is not None for group in _group_weights(model))
+        packed = model.model.decoder.layers[0](hidden, **_layer_kwargs(config, 0, cache, masks, rotary, positions))
+    assert packed.dtype == torch.bfloat16 and torch.equal(packed, separate)
+
+
+def test_generate_packs_the_projections(tokenizer):
+    """The engine packs the groups before it runs (and before any graph captures the weights' addresses)."""
+    model = build_pair(variant_config("default"), tokenizer, seed=2)[0]
+    input_ids, attention_mask = left_padded_batch(tokenizer, ["Hi"])
+    model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4)
+    assert all(fused_layers.packed_weight(group) is not None for group in _group_weights(model))

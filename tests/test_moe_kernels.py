@@ -284,3 +284,51 @@ def test_gpu_bf16_decode_is_exact_for_every_code_and_scale():
     place_codes = (i[:, None] + torch.arange(8)) % 16
     want = (E2M1_VALUES[place_codes] * e4m3.float().repeat_interleave(2, dim=1) * 2.0**-7).to(torch.bfloat16)
     assert torch.equal(out.cpu(), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nvfp4", [False, True], ids=["bf16", "nvfp4"])
+def test_gpu_every_table_config_at_the_real_layer_shape(nvfp4):
+    """Each row of the block tables, picked as generate() picks it (by mean pairs per expert), at the model's layer
+    shape (hidden 2816, intermediate 704, 128 experts, top-8, bf16 activations) against fp64 math on the
+    (dequantized) weights: the configs the benchmarks time are the ones checked here."""
+    if DEVICE != "cuda":
+        pytest.skip("compiled kernels at the real shape need a GPU")
+    from dgemma_hf.kernels.moe import _CONFIGS, _NVFP4_CONFIGS, pick_config
+
+    experts, hidden, intermediate, top_k = 128, 2816, 704, 8
+    generator = torch.Generator(device=DEVICE).manual_seed(11)
+    gate_up = torch.randn(experts, 2 * intermediate, hidden, generator=generator, device=DEVICE) / math.sqrt(hidden)
+    down = torch.randn(experts, hidden, intermediate, generator=generator, device=DEVICE) / math.sqrt(intermediate)
+    if nvfp4:
+        gate, up = quantize_nvfp4(gate_up[:, :intermediate]), quantize_nvfp4(gate_up[:, intermediate:] * 3)
+        down_q = quantize_nvfp4(down)
+        weights = NVFP4Experts(
+            to_kernel_layout(torch.cat([gate.packed, up.packed], dim=1)),
+            scales_to_kernel_layout(torch.cat([gate.scale, up.scale], dim=1)), gate.weight_scale_2,
+            up.weight_scale_2, to_kernel_layout(down_q.packed), scales_to_kernel_layout(down_q.scale),
+            down_q.weight_scale_2)
+        gate_up = torch.cat([dequantize_nvfp4(*gate), dequantize_nvfp4(*up)], dim=1)
+        down = dequantize_nvfp4(*down_q)
+    else:
+        gate_up, down = gate_up.to(torch.bfloat16), down.to(torch.bfloat16)
+    picked = set()
+    for tokens in (64, 256, 1024, 2048):
+        scores = torch.rand(tokens, experts, generator=generator, device=DEVICE)
+        index = scores.topk(top_k, dim=-1).indices
+        routing = torch.rand(tokens, top_k, generator=generator, device=DEVICE) + 0.1
+        routing = routing / routing.sum(-1, keepdim=True)
+        x = torch.randn(tokens, hidden, generator=generator, device=DEVICE).to(torch.bfloat16)
+        want = torch.zeros(tokens, hidden, dtype=torch.float64, device=DEVICE)
+        for e in range(experts):  # fp64, one expert's pairs at a time
+            token, slot = (index == e).nonzero(as_tuple=True)
+            h = x[token].double() @ gate_up[e].double().T
+            act = torch.nn.functional.gelu(h[:, :intermediate], approximate="tanh") * h[:, intermediate:]
+            want.index_add_(0, token, (act @ down[e].double().T) * routing[token, slot].double()[:, None])
+        if nvfp4:
+            got = moe_experts_nvfp4(x, index, routing, weights)
+        else:
+            got = moe_experts(x, index, routing, gate_up, down)
+        picked.add(pick_config(tokens * top_k, experts, nvfp4))
+        assert torch.isfinite(got).all() and _rel_err(got, want) < 1e-2, tokens
+    assert picked == {tuple(row[1:]) for row in (_NVFP4_CONFIGS if nvfp4 else _CONFIGS)}

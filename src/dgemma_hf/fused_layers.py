@@ -52,14 +52,24 @@ def rms_norm(x, weight, eps):
     return normed.type_as(x)
 
 
-def attention_inputs(hidden_states, input_norm, q_proj, k_proj, v_proj, q_norm, k_norm, cos, sin, eps, head_dim):
-    """Upstream's input norm and the first half of DiffusionGemmaDecoderTextAttention.forward."""
+def project(x, weights, sizes):
+    """F.linear of x by projections of `sizes` output features each, given as one tensor each or, packed by
+    `pack_projections`, as one tensor holding them all (one GEMM, split)."""
+    if len(weights) == 1 and len(sizes) > 1:
+        return F.linear(x, weights[0]).split(sizes, dim=-1)
+    return tuple(F.linear(x, weight) for weight in weights)
+
+
+def attention_inputs(hidden_states, input_norm, qkv, qkv_sizes, q_norm, k_norm, cos, sin, eps, head_dim):
+    """Upstream's input norm and the first half of DiffusionGemmaDecoderTextAttention.forward; `qkv`: the q, k
+    (and v, unless K doubles as V) projections, see `project`."""
     normed = rms_norm(hidden_states, input_norm, eps)
     shape = (*normed.shape[:-1], -1, head_dim)
-    query = rms_norm(F.linear(normed, q_proj).view(shape), q_norm, eps)
+    query, key, *value = project(normed, qkv, qkv_sizes)
+    query = rms_norm(query.view(shape), q_norm, eps)
     query = upstream.apply_rotary_pos_emb(query, cos, sin, unsqueeze_dim=2).transpose(1, 2)
-    key = F.linear(normed, k_proj).view(shape)
-    value = F.linear(normed, v_proj).view(shape) if v_proj is not None else key
+    key = key.view(shape)
+    value = value[0].view(shape) if value else key
     key = upstream.apply_rotary_pos_emb(rms_norm(key, k_norm, eps), cos, sin, unsqueeze_dim=2).transpose(1, 2)
     value = rms_norm(value, None, eps).transpose(1, 2)
     return query, key, value
@@ -81,7 +91,8 @@ def feed_forward(attn_output, residual, weights, eps, scalar_root, group=None, m
     hidden_states = _row_parallel(attn_output.reshape(*residual.shape[:-1], -1), weights["o_proj"], group)
     residual = residual + rms_norm(hidden_states, weights["post_attention_norm"], eps)
     x = rms_norm(residual, weights["pre_feedforward_norm"], eps)
-    mlp = F.gelu(F.linear(x, weights["gate_proj"]), approximate="tanh") * F.linear(x, weights["up_proj"])
+    gate, up = project(x, weights["gate_up"], weights["gate_up_sizes"])
+    mlp = F.gelu(gate, approximate="tanh") * up
     mlp = _row_parallel(mlp, weights["down_proj"], mlp_group)
     flat = residual.reshape(-1, residual.shape[-1])
     experts_input = rms_norm(flat, weights["pre_feedforward_norm_2"], eps)
@@ -208,6 +219,63 @@ def compiled_region(function, device: torch.device):
     return _COMPILED[function]
 
 
+# Projections of one input, computed by one GEMM once `pack_projections` has stored their weights as consecutive
+# rows of one tensor (the regions' key for each group: its projections, in order). At a 256-token canvas cuBLAS
+# streams one layer's packed q/k/v weights faster than in three GEMMs of a third of the rows each.
+PACKED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
+def packed_weight(weights) -> torch.Tensor | None:
+    """The [total rows, in features] tensor whose consecutive rows are `weights` (contiguous 2D tensors), or None
+    if they are not stored that way."""
+    first = weights[0]
+    offset = first.storage_offset()
+    for weight in weights:
+        if (weight.dim() != 2 or not weight.is_contiguous() or weight.dtype != first.dtype
+                or weight.device != first.device or weight.shape[1] != first.shape[1]
+                or weight.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or weight.storage_offset() != offset):
+            return None
+        offset += weight.numel()
+    return first.as_strided((sum(weight.shape[0] for weight in weights), first.shape[1]), (first.shape[1], 1))
+
+
+def _grouped(weights: dict) -> dict:
+    """`weights` with each PACKED group's projections replaced by (their packed tensor,) where `packed_weight`
+    finds one, else by the tuple of them, plus the group's output sizes ("<group>_sizes")."""
+    weights = dict(weights)
+    for key, names in PACKED.items():
+        members = [weights.pop(name) for name in names if name in weights]
+        packed = packed_weight(members)
+        weights[key] = (packed,) if packed is not None else tuple(members)
+        weights[f"{key}_sizes"] = tuple(member.shape[0] for member in members)
+    return weights
+
+
+@torch.inference_mode(False)
+@torch.no_grad()
+def pack_projections(model) -> None:
+    """Moves each fused text layer's q/k/v weights, and its dense MLP's gate/up weights, into one tensor per group
+    (consecutive rows), so the regions compute each group with one GEMM. The parameters stay the same objects
+    (tied ones stay tied) with the same values: only their storage changes (`param.data`); state dicts then hold
+    views of one tensor, which `save_pretrained` and `torch.save` write as usual. Layers the regions do not
+    compute (see `_projections`), tensor-parallel ones, and groups already packed are left as they are; a later
+    `.to()` or reload unpacks a group (the regions then run its GEMMs one by one) until the next call."""
+    for layer in _text_layers(model):
+        projections = _projections(layer) if type(layer) in _UPSTREAM else None
+        if projections is None or projections["group"] is not None:
+            continue
+        for names in PACKED.values():
+            params = [projections[name] for name in names if name in projections]
+            if packed_weight(params) is not None or any(param.device.type == "meta" for param in params):
+                continue
+            packed = torch.cat([param.detach() for param in params])
+            start = 0
+            for param in params:
+                param.data = packed[start : start + param.shape[0]]
+                start += param.shape[0]
+
+
 def _projections(layer) -> dict | None:
     """The layer's projection weights as the regions use them, plus "group" (the ranks of a tensor-parallel layer,
     else None); None if the regions cannot compute the layer's own forward. The regions read weights and call
@@ -292,7 +360,8 @@ def fused_projections(layer, hidden_states, kwargs) -> dict | None:
         or _recording()
     ):
         return None
-    return _projections(layer)
+    projections = _projections(layer)
+    return None if projections is None else _grouped(projections)
 
 
 def fused_forward(layer, projections, hidden_states, position_embeddings, attention_mask, position_ids,
@@ -303,8 +372,8 @@ def fused_forward(layer, projections, hidden_states, position_embeddings, attent
     attn, router = layer.self_attn, layer.router
     cos, sin = position_embeddings
     query, key, value = compiled_region(attention_inputs, device)(
-        hidden_states, layer.input_layernorm.weight, projections["q_proj"], projections["k_proj"],
-        projections.get("v_proj"), attn.q_norm.weight, attn.k_norm.weight, cos, sin, eps, attn.head_dim,
+        hidden_states, layer.input_layernorm.weight, projections["qkv"], projections["qkv_sizes"],
+        attn.q_norm.weight, attn.k_norm.weight, cos, sin, eps, attn.head_dim,
     )
     if past_key_values is not None:
         key, value = write_cache(attn, past_key_values, key, value)
@@ -317,8 +386,8 @@ def fused_forward(layer, projections, hidden_states, position_embeddings, attent
     )
     weights = {
         "o_proj": projections["o_proj"], "post_attention_norm": layer.post_attention_layernorm.weight,
-        "pre_feedforward_norm": layer.pre_feedforward_layernorm.weight, "gate_proj": projections["gate_proj"],
-        "up_proj": projections["up_proj"], "down_proj": projections["down_proj"],
+        "pre_feedforward_norm": layer.pre_feedforward_layernorm.weight, "gate_up": projections["gate_up"],
+        "gate_up_sizes": projections["gate_up_sizes"], "down_proj": projections["down_proj"],
         "pre_feedforward_norm_2": layer.pre_feedforward_layernorm_2.weight, "router_scale": router.scale,
         "router_proj": projections["router_proj"],
     }

@@ -30,7 +30,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticSlidingWindowLayer
 
 from ..distributed import sample_tokens_over_ranks, split_sampling_shard
-from ..fused_layers import compiled_region, full_sliding_window, logit_softcap
+from ..fused_layers import compiled_region, full_sliding_window, logit_softcap, pack_projections
 from ..schedulers import DiffusersSchedulerAdapter, TextDiffusionScheduler
 from .logits_processing import LogitsProcessing, LogitsSettings
 from .stopping import stable_and_confident
@@ -103,6 +103,7 @@ class DenoisingEngine:
         key = (settings, batch_size, prompt_length, sampling, model.dtype, model.device, backends)
         engine = getattr(model, "_dgemma_engine", None)
         if engine is None or engine.key != key:
+            pack_projections(model)  # one GEMM per group; before a graph captures the weights' addresses
             engine = cls(model, settings, batch_size, prompt_length, sampling, seeds)
             engine.key = key
             if sampling == "fused":  # reference engines hold nothing worth keeping
