@@ -390,3 +390,18 @@ def test_generate_packs_the_projections(tokenizer):
     input_ids, attention_mask = left_padded_batch(tokenizer, ["Hi"])
     model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4)
     assert all(fused_layers.packed_weight(group) is not None for group in _group_weights(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [256, 6])
+def test_copy_rows_equals_index_copy(dtype, head_dim):
+    """The canvas's keys/values written into a padded cache buffer (as the decoder does, from the region's transposed
+    output) as 8-byte words, or element by element where the head dim does not split into words: the same bits as
+    index_copy_, NaN payloads and negative zeros included."""
+    generator = torch.Generator().manual_seed(head_dim)
+    whole = torch.randn(2, 3, 50, head_dim, generator=generator).to(dtype)  # a padded buffer: cache + canvas
+    src = torch.randn(2, 9, 3, head_dim, generator=generator).to(dtype).transpose(1, 2)
+    src[0, 0, 0, :2] = torch.tensor([float("nan"), -0.0])
+    want = whole.clone().index_copy_(2, torch.arange(9) + 31, src)
+    fused_layers.copy_rows(whole, torch.arange(9) + 31, src)
+    assert torch.equal(whole.view(torch.uint8), want.view(torch.uint8))

@@ -169,13 +169,24 @@ class DecoderAttention(upstream.DiffusionGemmaDecoderTextAttention):
                 return super().append_to_cache(past_key_values, key_states, value_states)
             keys, values = _padded_buffers(cache_layer, key_states.shape[-2])
             positions = torch.arange(key_states.shape[-2], device=keys.device) + cache_layer.cumulative_length
-            keys.index_copy_(2, positions, key_states)
-            values.index_copy_(2, positions, value_states)
+            copy_rows(keys, positions, key_states)
+            copy_rows(values, positions, value_states)
             return keys, values
         pad = key_states.new_zeros(*key_states.shape[:2], 1, key_states.shape[-1])
         keys = torch.cat((cache_layer.keys[:, :, 1:], key_states, pad), dim=-2)
         values = torch.cat((cache_layer.values[:, :, 1:], value_states, pad.to(value_states.dtype)), dim=-2)
         return keys, values
+
+
+def copy_rows(dst: torch.Tensor, positions: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.index_copy_(2, positions, src), moving 8-byte words where the last dims allow: index_copy_ moves one
+    element per thread, so bf16 rows copied as int64 take about a quarter of the time, bit for bit the same."""
+    words = 8 // dst.element_size()
+    if (dst.dtype == src.dtype and words > 1 and dst.shape[-1] % words == 0
+            and all(t.stride(-1) == 1 and t.storage_offset() % words == 0
+                    and all(stride % words == 0 for stride in t.stride()[:-1]) for t in (dst, src))):
+        dst, src = dst.view(torch.int64), src.view(torch.int64)
+    dst.index_copy_(2, positions, src)
 
 
 def _padded_buffers(cache_layer, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
