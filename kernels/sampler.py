@@ -1,7 +1,9 @@
 """Fused token sampler: one pass over each row of logits gives everything a denoising step needs.
 
 For each row r of `logits` [R, V] (fp32) at inverse temperature `inv_temperature` (a device scalar, so a
-captured CUDA graph can change it between replays), with x = logits[r] * inv_temperature:
+captured CUDA graph can change it between replays), with x = logits[r] * inv_temperature (with `softcap` c, the
+logits are the LM head's raw output, of any float dtype, and x = c * tanh(logits[r] / c) * inv_temperature: the
+final logit softcap is applied as the row is read, instead of in a pass that writes fp32 logits):
 
 - `sampled[r]`: a sample from softmax(x), by Gumbel-max with a counter-based generator: token i takes word i % 4
   of Philox-4x32-10 keyed by the row's seed at counter (stream_lo, stream_hi, 0, i // 4), the 64-bit stream being
@@ -55,16 +57,25 @@ class TokenStats(NamedTuple):
 
 
 @triton.jit
-def _log2(x, FAST: tl.constexpr):
+def _log2(x, LIBDEVICE: tl.constexpr):
     # lg2.approx on the GPU; Triton's CPU interpreter has no libdevice.
-    if FAST:
+    if LIBDEVICE:
         return libdevice.fast_log2f(x)
     else:
         return tl.log2(x)
 
 
 @triton.jit
-def _gumbel2(bits, FAST_LOG2: tl.constexpr):
+def _softcap(logit, cap):
+    """cap * tanh(logit / cap) in fp32 (upstream's final logit softcap), tanh as 1 - 2 / (2^(2 y log2 e) + 1): a
+    few instructions (libdevice's tanh made the sampler compute-bound, 1.5x slower at batch 8 on an H200), within
+    about 1e-7 of tanh (absolute; relative near 0), which the logits' bf16 GEMM dwarfs; +-inf give +-cap."""
+    y = logit.to(tl.float32) / cap
+    return (1.0 - 2.0 / (tl.exp2(y * (2.0 * LOG2E)) + 1.0)) * cap
+
+
+@triton.jit
+def _gumbel2(bits, LIBDEVICE: tl.constexpr):
     """Gumbel noise in base-2 units, -log2(E) with E = -log2(1 - w) (an exponential variable times log2(e), which
     shifts the noise by a constant and leaves the argmax alone), from 32 random bits (w =
     (bits + 1/2) / 2^32 in (0, 1)). The large noise that decides samples comes from small w, where 1 - w rounds and
@@ -73,13 +84,14 @@ def _gumbel2(bits, FAST_LOG2: tl.constexpr):
     small = bits < 2**25  # w < 2^-7: the series' next term is below 2^-23 relative
     q = tl.fma(tl.where(small, bits, ~bits).to(tl.float32), 2.0**-32, 2.0**-33)
     series = tl.fma(tl.fma(q, LOG2E / 3, LOG2E / 2), q, LOG2E) * q
-    return -_log2(tl.where(small, series, -_log2(q, FAST_LOG2)), FAST_LOG2)  # finite: in [-5.1, 32.5]
+    return -_log2(tl.where(small, series, -_log2(q, LIBDEVICE)), LIBDEVICE)  # finite: in [-5.1, 32.5]
 
 
 @triton.jit
 def _partial_kernel(
     logits_ptr, stride_row, inv_temperature_ptr, seed_ptr, counter_ptr, stats_ptr, index_ptr,
-    V, CHUNK, ROWS_PER_SEED, VOCAB_OFFSET, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr, FAST_LOG2: tl.constexpr,
+    V, CHUNK, ROWS_PER_SEED, VOCAB_OFFSET, softcap, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
+    SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -105,6 +117,10 @@ def _partial_kernel(
             logit = tl.load(row_ptr + idx)
         else:
             logit = tl.load(row_ptr + idx, mask=idx < V, other=-float("inf"))
+        if SOFTCAP:  # raw logits (any float dtype): softcapped here, not in a pass of their own
+            logit = _softcap(logit, softcap)
+            if not EVEN_V:
+                logit = tl.where(idx < V, logit, -float("inf"))
         # One Philox call per 4 tokens, word j to token 4k + j (token ids of the whole vocabulary: VOCAB_OFFSET
         # is a multiple of 4). The token group is the last counter word: the first rounds mix only the row's
         # uniform words, computed once per program.
@@ -112,7 +128,7 @@ def _partial_kernel(
         zero = group * 0
         w0, w1, w2, w3 = tl.philox(seed, zero + stream_lo, zero + stream_hi, zero, group)
         bits = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
-        g = tl.fma(logit, scale, _gumbel2(bits, FAST_LOG2))
+        g = tl.fma(logit, scale, _gumbel2(bits, LIBDEVICE))
         block_max = tl.max(logit, axis=0)
         g_max = tl.max(g, axis=0)
         # Rare after the first blocks; strict '>' keeps the earliest block on ties.
@@ -204,6 +220,17 @@ def _check_scalars(data, inv_temperature, seeds, counter, rows: int) -> None:
         raise ValueError(f"seeds ({seeds.numel()} on {seeds.device}) must divide the {rows} rows, on {data.device}")
 
 
+def _check_logits(logits, softcap) -> None:
+    """fp32 logits [rows, vocab], or with a softcap (a positive finite number) raw ones of any float dtype."""
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not 0 < softcap < float("inf")):
+        raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+    dtypes = (torch.float32,) if softcap is None else (torch.float32, torch.bfloat16, torch.float16)
+    if not isinstance(logits, torch.Tensor) or logits.dtype not in dtypes or logits.ndim != 2:
+        kinds = "float32" if softcap is None else "float32, bfloat16 or float16 (with softcap)"
+        raise TypeError(f"logits must be a {kinds} torch.Tensor [rows, vocab]")
+
+
 def token_partials(
     logits: torch.Tensor,
     inv_temperature: torch.Tensor,
@@ -212,13 +239,13 @@ def token_partials(
     vocab_offset: int = 0,
     block_v: int = 2048,
     splits: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """The first kernel on `logits` [R, V] fp32 (rows contiguous): columns `vocab_offset` .. `vocab_offset` + V of
+    """The first kernel on `logits` [R, V] (rows contiguous): columns `vocab_offset` .. `vocab_offset` + V of
     the vocabulary, `vocab_offset` a multiple of 4 (tokens take their random words in fours). Returns the
     workspace, fp32 [6, R, splits]: max, s, t and best Gumbel score per slice, then (int32 bits) the argmax and
     the sample. See `sample_tokens` for the other arguments."""
-    if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or logits.ndim != 2:
-        raise TypeError("logits must be a float32 torch.Tensor [rows, vocab]")
+    _check_logits(logits, softcap)
     if logits.stride(1) != 1:
         raise ValueError("logits must be contiguous along the vocabulary")
     rows, vocab = logits.shape
@@ -238,11 +265,11 @@ def token_partials(
     chunk = triton.cdiv(blocks, splits) * block_v
     splits = triton.cdiv(vocab, chunk)  # no empty slice
     workspace = torch.empty(6, rows, splits, dtype=torch.float32, device=logits.device)
-    fast_log2 = logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    libdevice = logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
     _partial_kernel[(rows, splits)](
         logits, logits.stride(0), inv_temperature, seeds, counter, workspace, workspace[4:].view(torch.int32),
-        vocab, chunk, rows // seeds.numel(), vocab_offset,
-        BLOCK_V=block_v, EVEN_V=vocab % block_v == 0, FAST_LOG2=fast_log2,
+        vocab, chunk, rows // seeds.numel(), vocab_offset, float(softcap or 1.0),
+        BLOCK_V=block_v, EVEN_V=vocab % block_v == 0, SOFTCAP=softcap is not None, LIBDEVICE=libdevice,
     )
     return workspace
 
@@ -296,13 +323,16 @@ def sample_tokens(
     out: TokenStats | None = None,
     block_v: int = 2048,
     splits: int | None = None,
+    softcap: float | None = None,
 ) -> TokenStats:
-    """Runs the fused sampler on `logits` [R, V] fp32 (rows contiguous). `inv_temperature` (fp32) and `counter`
+    """Runs the fused sampler on `logits` [R, V] fp32 (rows contiguous), or with `softcap` on raw logits of any
+    float dtype, softcapped as they are read (see the module's docstring). `inv_temperature` (fp32) and `counter`
     (int64) are one-element device tensors; `seeds` (int64 [S], S dividing R) gives consecutive groups of
     R / S rows their own seed (one per sequence of a batch); `out`, optional, holds preallocated outputs.
     `block_v` (a power of two) is the vocabulary block a program reads at a time; `splits` (at most
     `MAX_SPLITS`), by default a function of R and V that fills the GPU, the number of programs sharing a row.
     Neither changes the sampled tokens. A row whose logits are all -inf has no distribution: its outputs are
     undefined (NaN statistics, token 0)."""
-    workspace = token_partials(logits, inv_temperature, seeds, counter, block_v=block_v, splits=splits)
+    workspace = token_partials(logits, inv_temperature, seeds, counter, block_v=block_v, splits=splits,
+                               softcap=softcap)
     return combine_partials(workspace[None], inv_temperature, seeds, counter, logits.shape[1], out)

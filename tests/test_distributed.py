@@ -118,7 +118,7 @@ def worker(checkpoint: str, out_dir: str) -> None:
     result["counts"] = {"tp_plan": counts}
     # The fused sampler on each rank's vocabulary columns, or on gathered logits where top-k needs whole rows.
     sample_over_ranks, split_calls = engine.sample_tokens_over_ranks, []
-    engine.sample_tokens_over_ranks = lambda *args: split_calls.append(1) or sample_over_ranks(*args)
+    engine.sample_tokens_over_ranks = lambda *args, **kw: split_calls.append(1) or sample_over_ranks(*args, **kw)
     try:
         result["fused"] = _fused(model, tokenizer)
         result["split_sampler_calls"] = {"fused": len(split_calls)}

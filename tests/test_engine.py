@@ -143,10 +143,37 @@ def test_sampler_draws_the_tail_as_often_as_it_should():
     assert abs(share - 0.5) < 4 * (0.25 / rows) ** 0.5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_sampler_softcaps_raw_logits_as_it_reads_them(dtype):
+    """With `softcap`, the sampler reads the LM head's raw output (any float dtype) and gives the tokens it gives
+    on upstream's softcapped fp32 logits, the statistics up to the tanh's rounding; out-of-range columns of the
+    last block stay out (vocabulary no multiple of the block), infinite logits cap like upstream's."""
+    generator = torch.Generator().manual_seed(21)
+    rows, vocab, cap = 9, 1000, 30.0
+    raw = (40 * torch.randn(rows, vocab, generator=generator)).to(dtype)
+    raw[3, 5], raw[4, 7] = float("inf"), float("-inf")
+    raw = raw.to(DEVICE)
+    capped = torch.tanh(raw.float() / cap) * cap
+    scalars = _scalars(1 / 0.7, 5, 2)
+    for block_v, splits in [(256, None), (64, 3)]:
+        got = sample_tokens(raw, *scalars, block_v=block_v, splits=splits, softcap=cap)
+        want = sample_tokens(capped, *scalars, block_v=block_v, splits=splits)
+        for name in ("sampled", "argmax", "noise"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (name, block_v)
+        for name in ("entropy", "max_prob", "log_norm"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
+    assert got.argmax[3].item() == 5
+
+
 def test_sampler_checks_inputs():
     logits = torch.randn(2, 10)
     with pytest.raises(TypeError, match="logits must be a float32"):
         sample_tokens(logits.half(), *_scalars(1.0, 0, 0))
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        sample_tokens(logits.double(), *_scalars(1.0, 0, 0), softcap=30.0)
+    for softcap in (0.0, -1.0, float("inf"), True, "30"):
+        with pytest.raises(ValueError, match="softcap must be None or a positive finite number"):
+            sample_tokens(logits.to(DEVICE), *_scalars(1.0, 0, 0), softcap=softcap)
     with pytest.raises(TypeError, match="seeds must be a 1-D torch.int64 tensor"):
         sample_tokens(logits.to(DEVICE), torch.tensor([1.0], device=DEVICE), torch.tensor([1.0], device=DEVICE),
                       torch.tensor([0], device=DEVICE))
@@ -221,36 +248,43 @@ def test_fused_generate_is_repeatable_and_seeded(tokenizer):
 
 
 def test_fused_step_logits_and_soft_embedding_equal_upstreams_math(tokenizer, monkeypatch):
-    """The fused engine's own road to a step's logits (decoder, LM head, one-region softcap) gives upstream's
-    forward's logits (bit for bit on the CPU), and its chunked soft embedding equals softmax @ embedding whole, in
-    one chunk (the tiny vocabulary) or in several, the last one partial."""
+    """The fused engine's own road to a step's logits (decoder, LM head; the softcap left to the sampler and the
+    soft embedding, or in one region when logits processors need it first) gives upstream's forward's logits (bit
+    for bit on the CPU), and its chunked soft embedding, from the raw or the softcapped logits, equals softmax @
+    embedding whole, in one chunk (the tiny vocabulary) or in several, the last one partial."""
     config = variant_config("default")
     model, input_ids, attention_mask = _on_device(
         build_pair(config, tokenizer, seed=2)[0], *left_padded_batch(tokenizer, ["Why is the sky blue?", "Hi"]))
     model.generate(input_ids, attention_mask=attention_mask, sampling="fused", seed=3, eos_token_id=None,
                    max_new_tokens=2 * config.canvas_length, max_denoising_steps=2)
     engine = model._dgemma_engine
+    cap = model.final_logit_softcapping
+    assert engine.read_softcap == cap
     generator = torch.Generator().manual_seed(4)
     engine.canvas.copy_(torch.randint(config.text_config.vocab_size, engine.canvas.shape, generator=generator))
     engine.soft.copy_(torch.randn(engine.soft.shape, generator=generator))
     with torch.no_grad(), engine.self_conditioning_input():
+        raw = engine._decoder_logits(engine.position_ids)
+        engine.read_softcap = None  # as with logits processors: softcapped in the region
         got = engine._decoder_logits(engine.position_ids)
         want = model(decoder_input_ids=engine.canvas, decoder_attention_mask=engine.mask_mapping,
                      past_key_values=engine.cache, decoder_position_ids=engine.position_ids).logits
     if DEVICE == "cpu":
-        assert torch.equal(got, want)
+        assert torch.equal(got, want) and torch.equal(torch.tanh(raw.float() / cap) * cap, want)
     else:  # the softcap region is compiled there (inductor's tanh may round differently in the last bit)
         torch.testing.assert_close(got, want)
 
     inv_temperature = torch.tensor([0.7], device=DEVICE)
     log_norm = torch.logsumexp(got * inv_temperature, dim=-1).view(-1)
     embed = model.model.decoder.embed_tokens
-    whole = torch.softmax(got * inv_temperature, dim=-1) @ embed.weight.float() * embed.embed_scale
-    torch.testing.assert_close(engine._soft_embedding(got, inv_temperature, log_norm), whole.to(embed.weight.dtype))
+    whole = (torch.softmax(got * inv_temperature, dim=-1) @ embed.weight.float() * embed.embed_scale).to(embed.weight)
+    torch.testing.assert_close(engine._soft_embedding(got, inv_temperature, log_norm), whole)
+    engine.read_softcap = cap
+    torch.testing.assert_close(engine._soft_embedding(raw, inv_temperature, log_norm), whole)
     # An element budget of 100 probabilities a row with 48-column units: chunks of 96 columns, 6 over 512.
     monkeypatch.setattr(engine_module, "_SOFT_CHUNK", 48)
     monkeypatch.setattr(engine_module, "_SOFT_CHUNK_ELEMENTS", 100 * got.shape[0] * got.shape[1])
-    torch.testing.assert_close(engine._soft_embedding(got, inv_temperature, log_norm), whole.to(embed.weight.dtype))
+    torch.testing.assert_close(engine._soft_embedding(raw, inv_temperature, log_norm), whole)
 
 
 @pytest.mark.parametrize("sampling", ["reference", "fused"])

@@ -231,17 +231,18 @@ def split_sampling_shard(model) -> VocabShard | None:
     return head
 
 
-def sample_tokens_over_ranks(logits: torch.Tensor, inv_temperature, seeds, counter, shard: VocabShard):
-    """The fused sampler (`dgemma_hf.kernels.sampler`) on this rank's columns of the logits [R, V / N]: each rank
-    reduces its own columns, one all-gather moves the small per-slice partials (24 bytes a slice, not the [R, V]
-    logits), and every rank merges all of them in vocabulary order. Every rank gets the same outputs; the tokens
-    are those of one pass over whole rows (the statistics round differently)."""
+def sample_tokens_over_ranks(logits: torch.Tensor, inv_temperature, seeds, counter, shard: VocabShard,
+                             softcap: float | None = None):
+    """The fused sampler (`dgemma_hf.kernels.sampler`, `softcap` as there) on this rank's columns of the logits
+    [R, V / N]: each rank reduces its own columns, one all-gather moves the small per-slice partials (24 bytes a
+    slice, not the [R, V] logits), and every rank merges all of them in vocabulary order. Every rank gets the same
+    outputs; the tokens are those of one pass over whole rows (the statistics round differently)."""
     from .kernels.sampler import combine_partials, token_partials
 
     # Checked alike on every rank, before the collective (a rank that raised alone would leave the others waiting).
     if shard.size % 4:
         raise ValueError(f"the split sampler needs vocabulary shards of a multiple of 4 tokens, got {shard.size}")
-    local = token_partials(logits, inv_temperature, seeds, counter, vocab_offset=shard.start)
+    local = token_partials(logits, inv_temperature, seeds, counter, vocab_offset=shard.start, softcap=softcap)
     gathered = local.new_empty((shard.ranks * local.shape[0], *local.shape[1:]))  # ranks stacked on dim 0
     _all_gather_single(gathered, local, group=shard.group)
     return combine_partials(gathered.view(shard.ranks, *local.shape), inv_temperature, seeds, counter, shard.total)

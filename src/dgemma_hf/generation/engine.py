@@ -147,6 +147,9 @@ class DenoisingEngine:
         # and never gathers the logits, unless logits processing needs whole rows.
         split_sampling = sampling == "fused" and not settings.logits.active
         self.vocab_shard = split_sampling_shard(model) if split_sampling else None
+        # Unless logits processors need them softcapped first, the fused sampler and the soft embedding apply the
+        # final logit softcap as they read the LM head's output: no pass writing [batch, canvas, vocab] fp32 logits.
+        self.read_softcap = model.final_logit_softcapping if split_sampling else None
         if sampling == "fused":
             hidden = model.config.text_config.hidden_size
             self.soft = torch.zeros((*shape, hidden), dtype=model.dtype, device=device)
@@ -196,12 +199,15 @@ class DenoisingEngine:
         if self.sampling == "reference":
             kwargs["self_conditioning_logits"] = self.sc_logits
             return self.model(**kwargs).logits
-        # Upstream's forward, with its LM head and logit softcap (four passes over the logits) in one region.
+        # Upstream's forward; its logit softcap (four passes over the logits) in one region, or left to the readers
+        # of the logits (`read_softcap`).
         hidden = self.model.model(**kwargs).last_hidden_state
         if self.vocab_shard is None:
             logits = self.model.lm_head(hidden)
         else:  # this rank's vocabulary columns only
             logits = torch.nn.functional.linear(hidden, self.vocab_shard.weight)
+        if self.read_softcap is not None:
+            return logits
         return compiled_region(logit_softcap, logits.device)(logits, self.model.final_logit_softcapping)
 
     def _soft_embedding(self, logits: torch.Tensor, inv_temperature, log_norm) -> torch.Tensor:
@@ -220,7 +226,7 @@ class DenoisingEngine:
         chunk = max(1, _SOFT_CHUNK_ELEMENTS // rows.shape[0] // _SOFT_CHUNK) * _SOFT_CHUNK
         for begin in range(0, weight.shape[0], chunk):
             end = begin + chunk
-            soft = add_chunk(soft, rows[:, begin:end], inv_temperature, log_norm, weight[begin:end])
+            soft = add_chunk(soft, rows[:, begin:end], inv_temperature, log_norm, weight[begin:end], self.read_softcap)
         if shard is not None:
             torch.distributed.all_reduce(soft, group=shard.group)
         soft = soft.to(weight.dtype) * embed.embed_scale.to(weight.dtype)
@@ -232,10 +238,11 @@ class DenoisingEngine:
         if self.vocab_shard is None:
             from ..kernels.sampler import sample_tokens
 
-            stats = sample_tokens(logits.view(-1, vocab), inv_temperature, self.seed, self.counter)
+            stats = sample_tokens(logits.view(-1, vocab), inv_temperature, self.seed, self.counter,
+                                  softcap=self.read_softcap)
         else:
             stats = sample_tokens_over_ranks(logits.view(-1, vocab), inv_temperature, self.seed, self.counter,
-                                             self.vocab_shard)
+                                             self.vocab_shard, softcap=self.read_softcap)
         entropy, max_prob = stats.entropy.view(batch, length), stats.max_prob.view(batch, length)
         accepted = self.scheduler.accept(entropy, max_prob, self.step_index)
         new_canvas = torch.where(accepted, stats.sampled.view(batch, length), stats.noise.view(batch, length))
@@ -594,10 +601,12 @@ class DenoisingEngine:
         return input_ids, tokens_per_forward, self.cache
 
 
-def add_soft_embedding_chunk(soft, logits, inv_temperature, log_norm, weight) -> torch.Tensor:
+def add_soft_embedding_chunk(soft, logits, inv_temperature, log_norm, weight, softcap=None) -> torch.Tensor:
     """soft + softmax(logits * inv_temperature) @ weight for one chunk of the vocabulary, the softmax rebuilt
-    from its log-normaliser (compiled on CUDA per chunk: the exp and the cast in one pass, one chunk of
-    probabilities at a time)."""
+    from its log-normaliser (compiled on CUDA per chunk: the softcap, the exp and the cast in one pass, one chunk
+    of probabilities at a time). `softcap`: the logits are the LM head's raw output, softcapped here as the
+    sampler does."""
+    logits = logits.float() if softcap is None else torch.tanh(logits.float() / softcap) * softcap
     probs = torch.exp(logits * inv_temperature - log_norm[:, None])
     return soft + torch.mm(probs.to(weight.dtype), weight).float()
 
