@@ -154,15 +154,18 @@ def test_sampler_softcaps_raw_logits_as_it_reads_them(dtype):
     raw[3, 5], raw[4, 7] = float("inf"), float("-inf")
     raw = raw.to(DEVICE)
     capped = torch.tanh(raw.float() / cap) * cap
-    scalars = _scalars(1 / 0.7, 5, 2)
-    for block_v, splits in [(256, None), (64, 3)]:
-        got = sample_tokens(raw, *scalars, block_v=block_v, splits=splits, softcap=cap)
-        want = sample_tokens(capped, *scalars, block_v=block_v, splits=splits)
-        for name in ("sampled", "argmax", "noise"):
-            assert torch.equal(getattr(got, name), getattr(want, name)), (name, block_v)
-        for name in ("entropy", "max_prob", "log_norm"):
-            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
-    assert got.argmax[3].item() == 5
+    # At inverse temperature 0.01 the distribution is nearly flat: columns past the vocabulary, were they not
+    # masked after the softcap (-cap, not -inf), would weigh like real tokens.
+    for inv_temperature in (1 / 0.7, 0.01):
+        scalars = _scalars(inv_temperature, 5, 2)
+        for block_v, splits in [(256, None), (64, 3)]:
+            got = sample_tokens(raw, *scalars, block_v=block_v, splits=splits, softcap=cap)
+            want = sample_tokens(capped, *scalars, block_v=block_v, splits=splits)
+            for name in ("sampled", "argmax", "noise"):
+                assert torch.equal(getattr(got, name), getattr(want, name)), (name, block_v)
+            for name in ("entropy", "max_prob", "log_norm"):
+                torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
+            assert (got.sampled < vocab).all() and got.argmax[3].item() == 5
 
 
 def test_sampler_checks_inputs():

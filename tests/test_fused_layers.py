@@ -405,3 +405,21 @@ def test_copy_rows_equals_index_copy(dtype, head_dim):
     want = whole.clone().index_copy_(2, torch.arange(9) + 31, src)
     fused_layers.copy_rows(whole, torch.arange(9) + 31, src)
     assert torch.equal(whole.view(torch.uint8), want.view(torch.uint8))
+    words = fused_layers.as_words(whole, src)[0]  # whole words where the rows hold them (all but bf16/fp16 x 6)
+    assert words.dtype == (torch.int64 if head_dim * whole.element_size() % 8 == 0 else dtype)
+
+
+def test_packing_leaves_tensor_subclass_weights_alone(tokenizer):
+    """Weights that are tensor subclasses (torchao's quantized ones are) have no storage to view: packing skips
+    their group (the regions then run its GEMMs one by one) and packs the others."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    model = build_pair(variant_config("default"), tokenizer, seed=4)[0]
+    attn = model.model.decoder.layers[0].self_attn
+    weight = attn.q_proj.weight.detach()
+    attn.q_proj.weight = torch.nn.Parameter(TwoTensor(weight, weight.clone()), requires_grad=False)
+    assert fused_layers.pack_projections(model)
+    for group in _group_weights(model):
+        holds_subclass = any(weight is attn.q_proj.weight for weight in group)
+        assert (fused_layers.packed_weight(group) is None) == holds_subclass
+    assert not fused_layers.pack_projections(model)  # nothing left to move

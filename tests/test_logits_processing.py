@@ -97,7 +97,11 @@ def test_presence_penalty_keeps_prompt_tokens_out_of_the_output(sampling, tokeni
     kwargs = dict(attention_mask=attention_mask, sampling=sampling, seed=2, max_new_tokens=3 * config.canvas_length,
                   max_denoising_steps=2, eos_token_id=None, stability_threshold=None, confidence_threshold=None)
     plain = model.generate(input_ids, **kwargs).sequences[:, input_ids.shape[1]:]
+    if sampling == "fused":  # without processors the sampler softcaps the raw logits itself
+        assert model._dgemma_engine.read_softcap == model.final_logit_softcapping
     penalised = model.generate(input_ids, presence_penalty=1e4, **kwargs).sequences[:, input_ids.shape[1]:]
+    if sampling == "fused":  # processors see softcapped logits: the region softcaps them first
+        assert model._dgemma_engine.read_softcap is None
     for row in range(2):
         prompt_tokens = set(input_ids[row][attention_mask[row].bool()].tolist())
         assert not prompt_tokens & set(penalised[row].tolist())

@@ -4,8 +4,10 @@ Upstream's text layer launches ~160 small kernels per pass (eleven fp32 RMSNorms
 embeddings, routing softmax/top-k, residuals); at batch 1 they cost more than the expert GEMMs. The layer's
 forward here computes upstream's arithmetic op for op, cut into three pure functions of tensors:
 
-1. `attention_inputs`: input norm, q/k/v projections, q/k/v norms, rotary embeddings;
-2. `feed_forward`: o_proj, post-attention norm and residual, dense MLP, router scores, experts' input norm;
+1. `attention_inputs`: input norm, q/k/v projections (one GEMM once `pack_projections` has stored their weights
+   as one tensor), q/k/v norms, rotary embeddings;
+2. `feed_forward`: o_proj, post-attention norm and residual, dense MLP (its gate/up one GEMM once packed), router
+   scores, experts' input norm;
    then `router_top_k` (on CUDA one Triton launch) picks the experts;
 3. `layer_output`: the MLP's and the experts' output norms, their sum, the last norm, residual, layer scalar.
 
@@ -179,14 +181,22 @@ class DecoderAttention(upstream.DiffusionGemmaDecoderTextAttention):
 
 
 def copy_rows(dst: torch.Tensor, positions: torch.Tensor, src: torch.Tensor) -> None:
-    """dst.index_copy_(2, positions, src), moving 8-byte words where the last dims allow: index_copy_ moves one
-    element per thread, so bf16 rows copied as int64 take about a quarter of the time, bit for bit the same."""
+    """dst.index_copy_(2, positions, src) for [batch, heads, length, head_dim] tensors, bit for bit, moving 8-byte
+    words where the rows allow (`as_words`): index_copy_ moves one element per thread, so bf16 rows copied as int64
+    take about a quarter of the time."""
+    dst, src = as_words(dst, src)
+    dst.index_copy_(2, positions, src)
+
+
+def as_words(dst: torch.Tensor, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dst and src viewed as int64 where both have the same dtype of under 8 bytes, rows of whole words and
+    word-aligned strides and offsets; else as they are."""
     words = 8 // dst.element_size()
     if (dst.dtype == src.dtype and words > 1 and dst.shape[-1] % words == 0
             and all(t.stride(-1) == 1 and t.storage_offset() % words == 0
                     and all(stride % words == 0 for stride in t.stride()[:-1]) for t in (dst, src))):
-        dst, src = dst.view(torch.int64), src.view(torch.int64)
-    dst.index_copy_(2, positions, src)
+        return dst.view(torch.int64), src.view(torch.int64)
+    return dst, src
 
 
 def _padded_buffers(cache_layer, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,9 +246,17 @@ def compiled_region(function, device: torch.device):
 PACKED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
 
+def _plain(weight) -> bool:
+    """A dense tensor of its own (not a tensor subclass such as torchao's quantized weights, not on meta): what
+    packing may view, concatenate and re-point."""
+    return type(weight.data) is torch.Tensor and weight.layout == torch.strided and weight.device.type != "meta"
+
+
 def packed_weight(weights) -> torch.Tensor | None:
     """The [total rows, in features] tensor whose consecutive rows are `weights` (contiguous 2D tensors), or None
     if they are not stored that way."""
+    if not all(_plain(weight) for weight in weights):
+        return None
     first = weights[0]
     offset = first.storage_offset()
     for weight in weights:
@@ -265,26 +283,31 @@ def _grouped(weights: dict) -> dict:
 
 @torch.inference_mode(False)
 @torch.no_grad()
-def pack_projections(model) -> None:
+def pack_projections(model) -> bool:
     """Moves each fused text layer's q/k/v weights, and its dense MLP's gate/up weights, into one tensor per group
-    (consecutive rows), so the regions compute each group with one GEMM. The parameters stay the same objects
-    (tied ones stay tied) with the same values: only their storage changes (`param.data`); state dicts then hold
-    views of one tensor, which `save_pretrained` and `torch.save` write as usual. Layers the regions do not
-    compute (see `_projections`), tensor-parallel ones, and groups already packed are left as they are; a later
-    `.to()` or reload unpacks a group (the regions then run its GEMMs one by one) until the next call."""
+    (consecutive rows), so the regions compute each group with one GEMM; returns whether any weight moved. The
+    parameters stay the same objects (tied ones stay tied) with the same values: only their storage changes
+    (`param.data`); state dicts then hold views of one tensor, which `save_pretrained` and `torch.save` write as
+    usual (safetensors' `save_file` and `save_model` refuse them). Layers the regions do not compute (see
+    `_projections`), tensor-parallel ones, weights that are tensor subclasses or on meta, and groups already packed
+    are left as they are; a later `.to()` or reload unpacks a group (the regions then run its GEMMs one by one)
+    until the next call."""
+    moved = False
     for layer in _text_layers(model):
         projections = _projections(layer) if type(layer) in _UPSTREAM else None
         if projections is None or projections["group"] is not None:
             continue
         for names in PACKED.values():
             params = [projections[name] for name in names if name in projections]
-            if packed_weight(params) is not None or any(param.device.type == "meta" for param in params):
+            if not all(_plain(param) for param in params) or packed_weight(params) is not None:
                 continue
             packed = torch.cat([param.detach() for param in params])
             start = 0
             for param in params:
                 param.data = packed[start : start + param.shape[0]]
                 start += param.shape[0]
+            moved = True
+    return moved
 
 
 def _projections(layer) -> dict | None:

@@ -103,7 +103,10 @@ class DenoisingEngine:
         key = (settings, batch_size, prompt_length, sampling, model.dtype, model.device, backends)
         engine = getattr(model, "_dgemma_engine", None)
         if engine is None or engine.key != key:
-            pack_projections(model)  # one GEMM per group; before a graph captures the weights' addresses
+            # One GEMM per group, before a graph captures the weights' addresses; a kept engine's graphs hold the
+            # old ones if weights moved.
+            if pack_projections(model):
+                model._dgemma_engine = None
             engine = cls(model, settings, batch_size, prompt_length, sampling, seeds)
             engine.key = key
             if sampling == "fused":  # reference engines hold nothing worth keeping
