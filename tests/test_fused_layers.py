@@ -385,11 +385,19 @@ def test_packing_keeps_parameters_values_ties_and_checkpoints(variant, tokenizer
 
 
 def test_generate_packs_the_projections(tokenizer):
-    """The engine packs the groups before it runs (and before any graph captures the weights' addresses)."""
+    """The engine packs the groups before it runs (and before any graph captures the weights' addresses); when a
+    later engine has to pack again (the weights were replaced), the kept engine, whose graphs would hold the old
+    addresses, is dropped."""
     model = build_pair(variant_config("default"), tokenizer, seed=2)[0]
     input_ids, attention_mask = left_padded_batch(tokenizer, ["Hi"])
-    model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4)
+    model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, sampling="fused", seed=0)
     assert all(fused_layers.packed_weight(group) is not None for group in _group_weights(model))
+    assert model._dgemma_engine is not None
+    model.load_state_dict({name: tensor.clone() for name, tensor in model.state_dict().items()}, assign=True)
+    assert all(fused_layers.packed_weight(group) is None for group in _group_weights(model))
+    model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, sampling="reference")
+    assert all(fused_layers.packed_weight(group) is not None for group in _group_weights(model))
+    assert model._dgemma_engine is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

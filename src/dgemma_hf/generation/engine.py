@@ -609,7 +609,7 @@ def add_soft_embedding_chunk(soft, logits, inv_temperature, log_norm, weight, so
     from its log-normaliser (compiled on CUDA per chunk: the softcap, the exp and the cast in one pass, one chunk
     of probabilities at a time). `softcap`: the logits are the LM head's raw output, softcapped here as the
     sampler does."""
-    logits = logits.float() if softcap is None else torch.tanh(logits.float() / softcap) * softcap
+    logits = logits.float() if softcap is None else logit_softcap(logits, softcap)
     probs = torch.exp(logits * inv_temperature - log_norm[:, None])
     return soft + torch.mm(probs.to(weight.dtype), weight).float()
 
