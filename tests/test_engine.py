@@ -80,7 +80,7 @@ def test_sampler_split_and_block_size_change_nothing():
         for name in ("sampled", "argmax", "noise"):
             assert torch.equal(getattr(split, name), getattr(whole, name)), (name, block_v, splits)
         for name in ("entropy", "max_prob", "log_norm"):
-            torch.testing.assert_close(getattr(split, name), getattr(whole, name), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(getattr(split, name), getattr(whole, name), rtol=1e-5, atol=1e-5)
     x = (logits * 1.25).double().cpu()
     assert torch.isfinite(x.gather(1, whole.sampled.cpu()[:, None])).all()  # never a filtered token
     assert whole.sampled[1].item() == whole.argmax[1].item() == lone and abs(whole.max_prob[1].item() - 1.0) < 1e-6

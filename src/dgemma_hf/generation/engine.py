@@ -32,6 +32,7 @@ from transformers.cache_utils import StaticSlidingWindowLayer
 from ..distributed import sample_tokens_over_ranks, split_sampling_shard
 from ..fused_layers import compiled_region, full_sliding_window, logit_softcap, pack_projections
 from ..schedulers import DiffusersSchedulerAdapter, TextDiffusionScheduler
+from .compile_ahead import compile_kernels
 from .logits_processing import LogitsProcessing, LogitsSettings
 from .stopping import stable_and_confident
 
@@ -166,6 +167,7 @@ class DenoisingEngine:
         self.cache = None
         # Encoder passes run once, and captured (graph, static inputs, cache memory), by `_pass_key`.
         self._warm_passes, self._encoder_graphs = set(), {}
+        self._kernels_compiled = False
 
     # -- cache ------------------------------------------------------------------------------------------
 
@@ -533,6 +535,11 @@ class DenoisingEngine:
         initial_length = input_ids.shape[1]
         cur_len = initial_length + (past_key_values.get_seq_length() if past_key_values is not None else 0)
         self.cache = self.make_cache(past_key_values)
+        if self.use_graphs and not self._kernels_compiled:
+            # A new engine's kernels, compiled in parallel threads now rather than one by one as the passes meet them.
+            with _phase("compile_kernels"):
+                compile_kernels(self, initial_length)
+            self._kernels_compiled = True
         self.finished_sequences.zero_()
         self.forward_passes.zero_()
         eos = None
