@@ -13,6 +13,8 @@ from conftest import build_pair, left_padded_batch, variant_config
 from dgemma_hf.generation import compile_ahead
 from dgemma_hf.kernels import attention, moe, routing, sampler
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CUDA generate() also warms up by itself first
+
 
 def _variant_of(value):
     """What Triton specialises one launch argument on."""
@@ -56,7 +58,7 @@ def launched(monkeypatch):
 
 
 def _triton_model(tokenizer, variant: str):
-    model = build_pair(variant_config(variant), tokenizer)[0]
+    model = build_pair(variant_config(variant), tokenizer)[0].to(DEVICE)
     model.set_attn_implementation({"text_config": "dgemma_attention_triton"})
     model.set_experts_implementation("dgemma_triton")
     return model
@@ -70,7 +72,7 @@ def _triton_model(tokenizer, variant: str):
 ])
 def test_warm_up_launches_every_variant_the_call_launches(tokenizer, launched, variant, prompts, chunk, canvases):
     model = _triton_model(tokenizer, variant)
-    input_ids, attention_mask = left_padded_batch(tokenizer, prompts)
+    input_ids, attention_mask = (t.to(DEVICE) for t in left_padded_batch(tokenizer, prompts))
     model.generate(input_ids, attention_mask=attention_mask, sampling="fused", seed=0, eos_token_id=None,
                    max_new_tokens=canvases * model.config.canvas_length, max_denoising_steps=2,
                    prefill_chunk_size=chunk)
@@ -89,8 +91,8 @@ def test_encoder_passes_follow_the_static_cache(tokenizer):
     """Key lengths per pass as transformers' cache layers return them: a global layer its whole buffer; a sliding
     layer of window 8 its window while there is room, what it held plus the new tokens while filling up, then the
     last 7 tokens plus the new ones."""
-    model = build_pair(variant_config("mha_no_k_eq_v"), tokenizer)[0]  # canvas 8, window 8, sliding then global
-    input_ids = torch.ones(1, 6, dtype=torch.long)
+    model = build_pair(variant_config("mha_no_k_eq_v"), tokenizer)[0].to(DEVICE)  # canvas 8, window 8
+    input_ids = torch.ones(1, 6, dtype=torch.long, device=DEVICE)
     model.generate(input_ids, sampling="fused", seed=0, eos_token_id=None, max_new_tokens=24, max_denoising_steps=1)
     engine = model._dgemma_engine
     engine.cache.reset()
@@ -102,8 +104,8 @@ def test_encoder_passes_follow_the_static_cache(tokenizer):
 
 def test_warm_up_sampler_reads_the_logits_processors_fp32_logits(tokenizer):
     """With logits processors the sampler reads softcapped fp32 logits: the warm-up launches that variant."""
-    model = build_pair(variant_config("default"), tokenizer)[0]
-    model.generate(torch.ones(1, 5, dtype=torch.long), sampling="fused", seed=0, max_new_tokens=16,
+    model = build_pair(variant_config("default"), tokenizer)[0].to(DEVICE)
+    model.generate(torch.ones(1, 5, dtype=torch.long, device=DEVICE), sampling="fused", seed=0, max_new_tokens=16,
                    max_denoising_steps=1, repetition_penalty=1.3)
     engine = model._dgemma_engine
     engine.cache.reset()

@@ -115,8 +115,11 @@ def test_sampler_over_vocabulary_ranges_equals_whole_rows(ranges, rows, seeds):
     merged = combine_partials(torch.stack(parts), *scalars, vocab)
     for name in ("sampled", "argmax", "noise"):
         assert torch.equal(getattr(merged, name), getattr(whole, name)), name
+    # On CUDA exp2 and log2 are the approximate instructions: 4-token blocks rescale their sums many more times
+    # than 64-token ones (an H200 differed by up to 8.6e-5).
+    tolerance = 1e-5 if DEVICE == "cpu" else 2e-4
     for name in ("entropy", "max_prob", "log_norm"):
-        torch.testing.assert_close(getattr(merged, name), getattr(whole, name), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(getattr(merged, name), getattr(whole, name), rtol=tolerance, atol=tolerance)
     with pytest.raises(ValueError, match="vocab_offset must be a multiple of 4"):
         token_partials(logits[:, 6:], *scalars, vocab_offset=6)
     with pytest.raises(ValueError, match="workspaces must be contiguous"):

@@ -1,24 +1,24 @@
 """Compiles the Triton kernels a generate() call will launch, in parallel threads, before its first pass.
 
-A cold process compiles each kernel variant the first time it launches it. On an H200 the first generate() (batch
-1, prompt 512, NVFP4 experts) compiled 17 of dgemma_hf's kernel variants one after another in 19.4 s, and built
-their launcher stubs with the C compiler in 4.0 s more, out of 45 s (eval/results/2026-11-28-session10/). Triton's
-compiler spends most of that in native code with the GIL released (MLIR passes, LLVM, ptxas, the C compiler), so
-threads overlap it.
+A cold process compiles each kernel variant the first time it launches it. On an H200, the first generate()
+(batch 1, prompt 512, NVFP4 experts) compiled 17 of dgemma_hf's variants one after another (17.1 s) and built
+their launcher stubs with the C compiler (3.0 s), out of 37.8 s. Triton's compiler spends most of that in native
+code with the GIL released (MLIR passes, LLVM, ptxas, the C compiler), so threads overlap it: with this module
+the same call took 20.8 s, its kernels compiled in about 5 s by 16 threads (eval/results/2026-11-28-session10/).
 
-`compile_kernels` launches every variant the call will need once, on placeholder inputs, from a pool of threads,
-and waits for them all. The launches go through the functions the model calls: the decoder's attention
-implementation, the layers' experts module, the router's top-k, the fused sampler. Their inputs have the shapes,
-dtypes and layouts of the engine's passes, so Triton specialises them as it will the real launches. It keys a
-variant by dtypes, 16-byte alignment, integers divisible by 16 or equal to 1, and the constexprs the wrappers
+`compile_kernels` launches once every variant the call will launch, on placeholder inputs, from a pool of
+threads, and waits for them all. The launches go through the functions the model calls: the layers' attention
+implementation and experts module (where they are dgemma_hf's), the router's top-k and the fused sampler. Their
+inputs have the shapes, dtypes and layouts of the engine's passes, so Triton specialises them as it will the real
+launches: by dtypes, 16-byte alignment, integers divisible by 16 or equal to 1, and the constexprs the wrappers
 derive from shapes.
 
-The encoder's passes are simulated from the cache's state: the prompt (in chunks with `prefill_chunk_size`), then
-one commit per canvas after the first. That gives each attention layer's key length per pass, following transformers'
-StaticCache and StaticSlidingWindowLayer. Each pass warms a masked and a causal variant, because transformers decides
-on the host, from the padding, which one a prompt takes.
+The encoder's passes are simulated from the cache's state: the prompt (in chunks with `prefill_chunk_size`),
+then one commit per canvas after the first. That gives each attention layer's key length per pass, as
+transformers' StaticCache and StaticSlidingWindowLayer return the keys. Each pass warms both a masked and a causal
+variant: transformers decides on the host, from the padding, which one a prompt takes.
 
-The placeholders are zeros: attention masks that allow nothing, so the kernels skip every key, and every expert pair
+The placeholders are zeros: attention masks that allow nothing (the kernels skip every key) and every expert pair
 routed to expert 0. The threads launch on the device's default stream while the calling thread waits, before any
 CUDA graph capture.
 """
@@ -34,7 +34,11 @@ import torch
 from transformers.cache_utils import StaticSlidingWindowLayer
 from transformers.models.diffusion_gemma import modeling_diffusion_gemma as upstream
 
+from .. import attention as attention_backends
+from .. import experts as experts_backends
 from ..fused_layers import FusedDecoderLayer, router_top_k
+
+_OUR_EXPERTS = (experts_backends.AUTO, experts_backends.TRITON)  # the NVFP4 experts take the same names
 
 
 def compile_kernels(engine, prompt_length: int, workers: int | None = None) -> int:
@@ -95,6 +99,8 @@ def _jobs(engine, prompt_length: int) -> dict:
     jobs = {}
     for tokens in sorted({q for q, _ in passes} | {canvas}):
         for layer in decoder_layers:
+            if layer.experts.config._experts_implementation not in _OUR_EXPERTS:
+                continue
             key = ("experts", type(layer.experts), batch * tokens)
             jobs.setdefault(key, functools.partial(
                 _experts, layer.experts, batch * tokens, text.hidden_size, text.top_k_experts, dtype, device))
@@ -105,6 +111,8 @@ def _jobs(engine, prompt_length: int) -> dict:
     for index, (decoder_layer, encoder_layer) in enumerate(zip(decoder_layers, encoder_layers)):
         cache_length = engine.cache.layers[index].max_cache_len
         attn = decoder_layer.self_attn
+        if attn.config._attn_implementation not in attention_backends.NAMES:
+            continue
         shape = (attn.config._attn_implementation, attn.head_dim, attn.config.num_attention_heads,
                  attn.config.num_attention_heads // attn.num_key_value_groups)
         jobs.setdefault(("decoder", *shape, *_lengths_class(canvas, cache_length + canvas)), functools.partial(
