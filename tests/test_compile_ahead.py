@@ -64,27 +64,37 @@ def _triton_model(tokenizer, variant: str):
     return model
 
 
-@pytest.mark.parametrize("variant, prompts, chunk, canvases", [
-    ("default", ["The quick brown fox jumps over the lazy dog"], None, 2),
+@pytest.mark.parametrize("variant, prompts, kwargs", [
+    ("default", ["The quick brown fox jumps over the lazy dog"], {}),
     # Sliding window 8: the prompts fill it, the commits find it full; a padded batch; a chunked prompt.
-    ("mha_no_k_eq_v", ["Hi", "A somewhat longer prompt than the first one"], 4, 3),
-    ("global_only", ["One", "Two words", "And a third, longer prompt"], None, 2),
+    ("mha_no_k_eq_v", ["Hi", "A somewhat longer prompt than the first one"], {"prefill_chunk_size": 4}),
+    # Logits processors: the sampler reads softcapped fp32 logits.
+    ("global_only", ["One", "Two words", "And a third, longer prompt"], {"repetition_penalty": 1.3}),
+    # A prompt as long as the canvas goes through the fused encoder layers (the router's top-k too).
+    ("default", 16, {}),
 ])
-def test_warm_up_launches_every_variant_the_call_launches(tokenizer, launched, variant, prompts, chunk, canvases):
+def test_warm_up_launches_every_variant_the_call_launches(tokenizer, launched, monkeypatch, variant, prompts, kwargs):
     model = _triton_model(tokenizer, variant)
-    input_ids, attention_mask = (t.to(DEVICE) for t in left_padded_batch(tokenizer, prompts))
+    if isinstance(prompts, int):
+        input_ids = torch.randint(3, 100, (1, prompts), device=DEVICE)
+        attention_mask = torch.ones_like(input_ids)
+    else:
+        input_ids, attention_mask = (t.to(DEVICE) for t in left_padded_batch(tokenizer, prompts))
     model.generate(input_ids, attention_mask=attention_mask, sampling="fused", seed=0, eos_token_id=None,
-                   max_new_tokens=canvases * model.config.canvas_length, max_denoising_steps=2,
-                   prefill_chunk_size=chunk)
+                   max_new_tokens=3 * model.config.canvas_length, max_denoising_steps=2, **kwargs)
     called = set(launched)
     assert {name.rpartition(".")[2] for name, *_ in called} >= {
         "_attention_kernel", "_gate_up_kernel", "_down_kernel", "_route_kernel", "_partial_kernel"}
 
     launched.clear()
+    monkeypatch.setattr(compile_ahead, "_WARMED", set())  # (on CUDA generate() has warmed up already)
     engine = model._dgemma_engine
     engine.cache.reset()  # as the next call finds it
     assert compile_ahead.compile_kernels(engine, input_ids.shape[1], workers=1) > 0
     assert called <= launched, f"not warmed: {sorted(map(str, called - launched))}"
+    # What a process has launched once it does not launch again (another engine of the same shapes, say).
+    launched.clear()
+    assert compile_ahead.compile_kernels(engine, input_ids.shape[1], workers=1) == 0 and not launched
 
 
 def test_encoder_passes_follow_the_static_cache(tokenizer):
@@ -100,18 +110,6 @@ def test_encoder_passes_follow_the_static_cache(tokenizer):
     max_length = 6 + 3 * 8
     assert [new for new, _ in passes] == [6, 8, 8]
     assert [lengths[:2] for _, lengths in passes] == [[8, max_length], [6 + 8, max_length], [7 + 8, max_length]]
-
-
-def test_warm_up_sampler_reads_the_logits_processors_fp32_logits(tokenizer):
-    """With logits processors the sampler reads softcapped fp32 logits: the warm-up launches that variant."""
-    model = build_pair(variant_config("default"), tokenizer)[0].to(DEVICE)
-    model.generate(torch.ones(1, 5, dtype=torch.long, device=DEVICE), sampling="fused", seed=0, max_new_tokens=16,
-                   max_denoising_steps=1, repetition_penalty=1.3)
-    engine = model._dgemma_engine
-    engine.cache.reset()
-    jobs = compile_ahead._jobs(engine, 5)
-    sampler_job = jobs[("sampler",)]
-    assert engine.read_softcap is None and sampler_job.args[3] == torch.float32
 
 
 @pytest.mark.gpu
@@ -132,12 +130,13 @@ def test_gpu_first_call_compiles_nothing_the_warm_up_did_not(tokenizer, monkeypa
 
     after_warm_up = []
 
-    def warm_up(engine, prompt_length, workers=None):
-        launches = compile_ahead.compile_kernels(engine, prompt_length, workers)
+    def warm_up(engine, prompt_length, prompt_kwargs=None, workers=None):
+        launches = compile_ahead.compile_kernels(engine, prompt_length, prompt_kwargs, workers)
         after_warm_up.append(compiled())
         return launches
 
     monkeypatch.setattr(engine_module, "compile_kernels", warm_up)
+    monkeypatch.setattr(compile_ahead, "_WARMED", set())
     model.generate(input_ids.cuda(), attention_mask=attention_mask.cuda(), sampling="fused", seed=0,
                    eos_token_id=None, max_new_tokens=3 * model.config.canvas_length, max_denoising_steps=3)
     assert len(after_warm_up) == 1

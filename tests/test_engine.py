@@ -79,8 +79,10 @@ def test_sampler_split_and_block_size_change_nothing():
         split = sample_tokens(logits, *scalars, block_v=block_v, splits=splits)
         for name in ("sampled", "argmax", "noise"):
             assert torch.equal(getattr(split, name), getattr(whole, name)), (name, block_v, splits)
+        # On CUDA exp2 and log2 are the approximate instructions; slices round their sums differently.
+        tolerance = 1e-6 if DEVICE == "cpu" else 1e-5
         for name in ("entropy", "max_prob", "log_norm"):
-            torch.testing.assert_close(getattr(split, name), getattr(whole, name), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(getattr(split, name), getattr(whole, name), rtol=tolerance, atol=tolerance)
     x = (logits * 1.25).double().cpu()
     assert torch.isfinite(x.gather(1, whole.sampled.cpu()[:, None])).all()  # never a filtered token
     assert whole.sampled[1].item() == whole.argmax[1].item() == lone and abs(whole.max_prob[1].item() - 1.0) < 1e-6
@@ -516,23 +518,23 @@ def test_decoder_masks_are_one_row_expanded(tokenizer):
 def test_static_mask_buffers_keep_a_query_broadcast_mask_broadcast():
     """A captured graph's copy of the decoder's mask (expanded over the queries) stays one row, so the attention
     kernel keeps reading one row; refreshing it from a new mask updates every query."""
-    from dgemma_hf.generation.engine import _mask_shapes, _one_row, _static_copy, _stored_rows
+    from dgemma_hf.generation.masks import mask_shapes, one_row, static_copy, stored_rows
 
     row = torch.tensor([[False, True, True, False], [True, True, True, False]])[:, None, None, :]
     mask = row.expand(2, 1, 5, 4)
-    static = _static_copy(mask)
+    static = static_copy(mask)
     assert static.stride(2) == 0 and torch.equal(static, mask) and static.data_ptr() != mask.data_ptr()
     other = (~row).expand(2, 1, 5, 4)
-    _stored_rows(static).copy_(_stored_rows(other))
+    stored_rows(static).copy_(stored_rows(other))
     assert torch.equal(static, other)
     full = mask.contiguous()  # a mask with rows of its own is copied whole
-    assert _static_copy(full).stride(2) == 4
-    assert _mask_shapes({"a": mask}) != _mask_shapes({"a": full})  # a graph is never reused across the two
+    assert static_copy(full).stride(2) == 4
+    assert mask_shapes({"a": mask}) != mask_shapes({"a": full})  # a graph is never reused across the two
     # The engine's one-row mask and its graph buffer have the same strides (Triton specialises on them: a new
     # stride would compile a kernel inside the capture), also for a key length that is not a multiple of 16.
     decoder = torch.ones(2, 1, 5, 21, dtype=torch.bool)
     decoder[1, :, :, :3] = False
-    eager = _one_row(decoder)
-    assert eager.stride() == _static_copy(eager).stride() == (21, 21, 0, 1) and torch.equal(eager, decoder)
+    eager = one_row(decoder)
+    assert eager.stride() == static_copy(eager).stride() == (21, 21, 0, 1) and torch.equal(eager, decoder)
     two_d = decoder[:, 0, 0]  # a 2D mask (flash attention's) and no mask pass as they are
-    assert _one_row(two_d) is two_d and _one_row(None) is None
+    assert one_row(two_d) is two_d and one_row(None) is None

@@ -139,6 +139,25 @@ def logit_softcap(logits, cap):
     return torch.tanh(logits.to(torch.float32) / cap) * cap
 
 
+def sliding_window_update(filled: int, new: int, window: int) -> str:
+    """The branch transformers' StaticSlidingWindowLayer.update takes for `new` tokens into a layer of `window`
+    columns that has seen `filled` tokens: "room" (it returns its whole buffer), "fills" (it becomes full and
+    returns what it held, then the new tokens) or "full" (its last window - 1 tokens, then the new ones)."""
+    if filled >= window:
+        return "full"
+    return "fills" if filled + new > window else "room"
+
+
+def call_attention(attn, query, key, value, attention_mask, **kwargs):
+    """The layer's attention implementation (transformers' AttentionInterface), called as upstream's layers call
+    it."""
+    attention = upstream.ALL_ATTENTION_FUNCTIONS.get_interface(
+        attn.config._attn_implementation, upstream.eager_attention_forward
+    )
+    return attention(attn, query, key, value, attention_mask, dropout=0.0, scaling=attn.scaling,
+                     sliding_window=attn.sliding_window, is_causal=attn.is_causal, **kwargs)
+
+
 def full_sliding_window(cache_layer) -> bool:
     """A static sliding-window cache layer holding a whole window (its buffer: the last `window` tokens, in order)."""
     return (isinstance(cache_layer, StaticSlidingWindowLayer)
@@ -411,13 +430,7 @@ def fused_forward(layer, projections, hidden_states, position_embeddings, attent
     )
     if past_key_values is not None:
         key, value = write_cache(attn, past_key_values, key, value)
-    attention = upstream.ALL_ATTENTION_FUNCTIONS.get_interface(
-        attn.config._attn_implementation, upstream.eager_attention_forward
-    )
-    attn_output, _ = attention(
-        attn, query, key, value, attention_mask, dropout=0.0, scaling=attn.scaling,
-        sliding_window=attn.sliding_window, is_causal=attn.is_causal, position_ids=position_ids, **kwargs,
-    )
+    attn_output, _ = call_attention(attn, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
     weights = {
         "o_proj": projections["o_proj"], "post_attention_norm": layer.post_attention_layernorm.weight,
         "pre_feedforward_norm": layer.pre_feedforward_layernorm.weight, "gate_up": projections["gate_up"],

@@ -20,7 +20,8 @@ variant: transformers decides on the host, from the padding, which one a prompt 
 
 The placeholders are zeros: attention masks that allow nothing (the kernels skip every key) and every expert pair
 routed to expert 0. The threads launch on the device's default stream while the calling thread waits, before any
-CUDA graph capture.
+CUDA graph capture. A process launches each distinct call once: a later engine (another prompt length, batch or
+setting) launches only what is new to it.
 """
 
 from __future__ import annotations
@@ -32,39 +33,60 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers.cache_utils import StaticSlidingWindowLayer
-from transformers.models.diffusion_gemma import modeling_diffusion_gemma as upstream
+from transformers.utils import logging
 
 from .. import attention as attention_backends
 from .. import experts as experts_backends
-from ..fused_layers import FusedDecoderLayer, router_top_k
+from ..distributed import tensor_parallel_group
+from ..fused_layers import FusedDecoderLayer, call_attention, router_top_k, sliding_window_update
+from .masks import one_row
+
+logger = logging.get_logger(__name__)
 
 _OUR_EXPERTS = (experts_backends.AUTO, experts_backends.TRITON)  # the NVFP4 experts take the same names
+# (device, job key) of the launches this process has made: Triton keeps what they compiled for the process, so a
+# later engine (another prompt length, batch or settings) launches only what is new.
+_WARMED: set = set()
 
 
-def compile_kernels(engine, prompt_length: int, workers: int | None = None) -> int:
-    """Launches once each kernel variant that `engine`'s call with prompts of `prompt_length` tokens will launch,
-    `workers` at a time (default: one per CPU core; 1 runs them in this thread), then waits for the device.
+def compile_kernels(engine, prompt_length: int, prompt_kwargs=None, workers: int | None = None) -> int:
+    """Launches once each kernel variant that `engine`'s call with prompts of `prompt_length` tokens (and
+    `prompt_kwargs`, e.g. pixel_values) will launch and this process has not launched yet, `workers` at a time
+    (default: one per usable CPU core on CUDA, else 1, which runs them in this thread), then waits for the device.
     Call it after the engine has its cache (`make_cache`) and before the call's first pass. Returns the number of
-    launches. A model split over ranks warms nothing: its experts and sampler launch collectives."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
+    launches. A launch that runs out of memory is left to the first pass (with a warning). A model split over
+    ranks warms nothing: its experts and sampler launch collectives."""
+    model, device = engine.model, engine.device
+    split = engine.vocab_shard is not None or tensor_parallel_group(model) is not None or any(
+        hasattr(layer.experts, "_dgemma_expert_shard") for layer in model.model.decoder.layers)
+    if split:
         return 0
-    jobs = list(_jobs(engine, prompt_length).values())
-    device = engine.device
+    jobs = {key: job for key, job in _jobs(engine, prompt_length, prompt_kwargs).items()
+            if (device, key) not in _WARMED}
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if device.type == "cuda" and hasattr(os, "sched_getaffinity") else 1
+    workers = min(len(jobs), workers)
 
-    def run(job):
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(), torch.no_grad():
-            job()
+    def run(key, job):
+        try:
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(), torch.no_grad():
+                job()
+        except torch.cuda.OutOfMemoryError:
+            logger.warning(f"compile_kernels: {key} ran out of GPU memory; the first pass compiles it instead")
+            return
+        _WARMED.add((device, key))
 
-    workers = min(len(jobs), workers or os.cpu_count() or 1)
     if workers <= 1:
-        for job in jobs:
-            run(job)
+        for key, job in jobs.items():
+            run(key, job)
     else:
         _make_kernel_caches(device)
-        with ThreadPoolExecutor(workers, thread_name_prefix="dgemma_compile") as pool:
-            for future in [pool.submit(run, job) for job in jobs]:
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="dgemma_compile")
+        try:
+            for future in [pool.submit(run, key, job) for key, job in jobs.items()]:
                 future.result()
+        finally:  # on an error (or Ctrl-C), queued launches are dropped
+            pool.shutdown(cancel_futures=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return len(jobs)
@@ -88,63 +110,54 @@ def _make_kernel_caches(device: torch.device) -> None:
                     value.device_caches[index]
 
 
-def _jobs(engine, prompt_length: int) -> dict:
-    """{variant key: launch} for the engine's next call; keys merge launches Triton would compile alike."""
+def _jobs(engine, prompt_length: int, prompt_kwargs=None) -> dict:
+    """{launch key: launch} for the engine's next call. The keys hold every shape and setting a launch depends
+    on, so equal keys are the same launch."""
     model, batch, canvas = engine.model, engine.batch_size, engine.canvas_length
     dtype, device = model.dtype, engine.device
     text = model.config.get_text_config(decoder=True)
     decoder_layers = model.model.decoder.layers
     encoder_layers = model.model.encoder.language_model.layers
-    passes = _encoder_passes(engine, prompt_length)
+    passes = _encoder_passes(engine, prompt_length, prompt_kwargs)
     jobs = {}
     for tokens in sorted({q for q, _ in passes} | {canvas}):
         for layer in decoder_layers:
-            if layer.experts.config._experts_implementation not in _OUR_EXPERTS:
+            experts = layer.experts
+            if experts.config._experts_implementation not in _OUR_EXPERTS:
                 continue
-            key = ("experts", type(layer.experts), batch * tokens)
+            key = ("experts", type(experts), experts.config._experts_implementation, dtype, batch * tokens,
+                   text.hidden_size, text.top_k_experts)
             jobs.setdefault(key, functools.partial(
-                _experts, layer.experts, batch * tokens, text.hidden_size, text.top_k_experts, dtype, device))
+                _experts, experts, batch * tokens, text.hidden_size, text.top_k_experts, dtype, device))
     if any(isinstance(layer, FusedDecoderLayer) for layer in decoder_layers):
         router = decoder_layers[0].router
-        jobs[("top_k", batch * canvas)] = functools.partial(
+        jobs[("top_k", batch * canvas, text.num_experts, text.top_k_experts)] = functools.partial(
             _top_k, router.per_expert_scale, batch * canvas, text.top_k_experts)
     for index, (decoder_layer, encoder_layer) in enumerate(zip(decoder_layers, encoder_layers)):
         cache_length = engine.cache.layers[index].max_cache_len
         attn = decoder_layer.self_attn
         if attn.config._attn_implementation not in attention_backends.NAMES:
             continue
-        shape = (attn.config._attn_implementation, attn.head_dim, attn.config.num_attention_heads,
-                 attn.config.num_attention_heads // attn.num_key_value_groups)
-        jobs.setdefault(("decoder", *shape, *_lengths_class(canvas, cache_length + canvas)), functools.partial(
+        shape = (attn.config._attn_implementation, dtype, batch, attn.head_dim, attn.config.num_attention_heads,
+                 attn.num_key_value_groups)
+        jobs.setdefault(("decoder", *shape, canvas, cache_length + canvas), functools.partial(
             _attention, attn, batch, canvas, cache_length + canvas, "decoder", dtype, device))
         for q_len, kv_lengths in passes:
-            kv_len = kv_lengths[index]
             for kind in ("mask", "causal"):
-                jobs.setdefault((kind, *shape, *_lengths_class(q_len, kv_len)), functools.partial(
-                    _attention, encoder_layer.self_attn, batch, q_len, kv_len, kind, dtype, device))
-    if engine.sampling == "fused" and engine.vocab_shard is None:
+                jobs.setdefault((kind, *shape, q_len, kv_lengths[index]), functools.partial(
+                    _attention, encoder_layer.self_attn, batch, q_len, kv_lengths[index], kind, dtype, device))
+    if engine.sampling == "fused":
         vocab = model.lm_head.weight.shape[0]
-        logits_dtype = model.lm_head.weight.dtype if engine.read_softcap is not None else torch.float32
-        jobs[("sampler",)] = functools.partial(_sampler, batch, canvas, vocab, logits_dtype, engine.read_softcap,
-                                               device)
+        jobs[("sampler", batch, canvas, vocab, engine.sampler_logits_dtype, engine.read_softcap)] = functools.partial(
+            _sampler, batch, canvas, vocab, engine.sampler_logits_dtype, engine.read_softcap, device)
     return jobs
 
 
-def _lengths_class(q_len: int, kv_len: int) -> tuple:
-    """What Triton specialises an attention launch's lengths on, and the mask's strides (q_len * kv_len, kv_len):
-    each integer's divisibility by 16 and equality to 1."""
-    return tuple((value % 16 == 0, value == 1) for value in (q_len, kv_len, q_len * kv_len))
-
-
-def _encoder_passes(engine, prompt_length: int) -> list[tuple[int, list[int]]]:
-    """(new tokens, key length of each cache layer) of the call's encoder passes: the prompt's (chunked as
-    `_encode_prompt` chunks it), then one commit per canvas after the first. The key lengths are those of the
+def _encoder_passes(engine, prompt_length: int, prompt_kwargs=None) -> list[tuple[int, list[int]]]:
+    """(new tokens, key length of each cache layer) of the call's encoder passes: the prompt's (as
+    `engine.prompt_chunks` cuts it), then one commit per canvas after the first. The key lengths are those of the
     keys transformers' static cache layers return from `update`."""
-    chunk = engine.settings.prefill_chunk_size
-    if chunk is None or prompt_length <= chunk:
-        lengths = [prompt_length]
-    else:
-        lengths = [min(chunk, prompt_length - start) for start in range(0, prompt_length, chunk)]
+    lengths = [end - start for start, end in engine.prompt_chunks(prompt_length, prompt_kwargs)]
     lengths += [engine.canvas_length] * (engine.canvases - 1)
     filled = [getattr(layer, "cumulative_length_int", 0) for layer in engine.cache.layers]
     passes = []
@@ -152,14 +165,10 @@ def _encoder_passes(engine, prompt_length: int) -> list[tuple[int, list[int]]]:
         kv_lengths = []
         for i, layer in enumerate(engine.cache.layers):
             window = layer.max_cache_len
-            if not isinstance(layer, StaticSlidingWindowLayer):
-                kv_lengths.append(window)
-            elif filled[i] >= window:  # full: the last window - 1 tokens, then the new ones
-                kv_lengths.append(window - 1 + new)
-            elif filled[i] + new > window:  # filling up: what it held, then the new ones
-                kv_lengths.append(filled[i] + new)
-            else:
-                kv_lengths.append(window)
+            branch = "room"
+            if isinstance(layer, StaticSlidingWindowLayer):
+                branch = sliding_window_update(filled[i], new, window)
+            kv_lengths.append({"room": window, "fills": filled[i] + new, "full": window - 1 + new}[branch])
             filled[i] += new
         passes.append((new, kv_lengths))
     return passes
@@ -179,8 +188,8 @@ def _top_k(per_expert_scale, tokens: int, top_k: int) -> None:
 
 def _attention(attn, batch: int, q_len: int, kv_len: int, kind: str, dtype, device) -> None:
     """One attention call as the layers make it: queries a transposed view of [batch, q_len, heads, head_dim];
-    the decoder's mask one row expanded over the queries (as the engine's `_one_row` makes it), an encoder pass's
-    a whole boolean one, or none (causal)."""
+    the decoder's mask one row expanded over the queries (`masks.one_row`), an encoder pass's a whole boolean
+    one, or none (causal)."""
     heads = attn.config.num_attention_heads
     kv_heads = heads // attn.num_key_value_groups
     query = torch.zeros(batch, q_len, heads, attn.head_dim, dtype=dtype, device=device).transpose(1, 2)
@@ -188,13 +197,8 @@ def _attention(attn, batch: int, q_len: int, kv_len: int, kind: str, dtype, devi
     value = torch.zeros_like(key)
     mask = None if kind == "causal" else torch.zeros(batch, 1, q_len, kv_len, dtype=torch.bool, device=device)
     if kind == "decoder":
-        from .engine import _one_row  # (the engine imports this module)
-
-        mask = _one_row(mask)  # its strides, too: at batch 1 the row stays a view of the whole mask
-    attention = upstream.ALL_ATTENTION_FUNCTIONS.get_interface(
-        attn.config._attn_implementation, upstream.eager_attention_forward)
-    attention(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling, sliding_window=attn.sliding_window,
-              is_causal=attn.is_causal)
+        mask = one_row(mask)
+    call_attention(attn, query, key, value, mask)
 
 
 def _sampler(batch: int, canvas: int, vocab: int, dtype, softcap, device) -> None:

@@ -30,10 +30,12 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticSlidingWindowLayer
 
 from ..distributed import sample_tokens_over_ranks, split_sampling_shard
-from ..fused_layers import compiled_region, full_sliding_window, logit_softcap, pack_projections
+from ..fused_layers import (compiled_region, full_sliding_window, logit_softcap, pack_projections,
+                            sliding_window_update)
 from ..schedulers import DiffusersSchedulerAdapter, TextDiffusionScheduler
 from .compile_ahead import compile_kernels
 from .logits_processing import LogitsProcessing, LogitsSettings
+from .masks import mask_shapes, one_row, static_copy, stored_rows
 from .stopping import stable_and_confident
 
 SAMPLING_MODES = ("auto", "reference", "fused")
@@ -154,6 +156,8 @@ class DenoisingEngine:
         # Unless logits processors need them softcapped first, the fused sampler and the soft embedding apply the
         # final logit softcap as they read the LM head's output: no pass writing [batch, canvas, vocab] fp32 logits.
         self.read_softcap = model.final_logit_softcapping if split_sampling else None
+        # What the fused sampler reads: the LM head's output as it is, or softcapped fp32 logits.
+        self.sampler_logits_dtype = model.lm_head.weight.dtype if self.read_softcap is not None else torch.float32
         if sampling == "fused":
             hidden = model.config.text_config.hidden_size
             self.soft = torch.zeros((*shape, hidden), dtype=model.dtype, device=device)
@@ -379,7 +383,7 @@ class DenoisingEngine:
         """What a captured step depends on besides the engine's buffers: the masks' shapes, the cache's memory
         (another cache object, or its buffers made anew) and which sliding-window cache layers are full (the
         fused layers read a full window differently, see fused_layers)."""
-        return (_mask_shapes(self.mask_mapping), self._cache_memory(),
+        return (mask_shapes(self.mask_mapping), self._cache_memory(),
                 tuple(full_sliding_window(layer) for layer in self.cache.layers))
 
     def _ready_graph(self):
@@ -389,13 +393,13 @@ class DenoisingEngine:
             return None
         for name, mask in self.mask_mapping.items():
             if mask is not None:
-                _stored_rows(self._static_masks[name]).copy_(_stored_rows(mask))
+                stored_rows(self._static_masks[name]).copy_(stored_rows(mask))
         self.mask_mapping = self._static_masks
         return self._captured
 
     def _capture(self):
         key = self._mask_key()
-        self._static_masks = {k: None if m is None else _static_copy(m) for k, m in self.mask_mapping.items()}
+        self._static_masks = {k: None if m is None else static_copy(m) for k, m in self.mask_mapping.items()}
         self.mask_mapping = self._static_masks
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -435,7 +439,7 @@ class DenoisingEngine:
             captured = self._encoder_graphs[key] = (*self._capture_pass(inputs), memory)
         graph, static, _ = captured
         for name, value in _tensors(inputs):
-            _stored_rows(static[name]).copy_(_stored_rows(value))
+            stored_rows(static[name]).copy_(stored_rows(value))
         graph.replay()
         for layer in self._sliding_layers():  # the one host-side state of the cache the replay cannot advance
             layer.cumulative_length_int += unprocessed.shape[1]
@@ -464,18 +468,14 @@ class DenoisingEngine:
         branches = []
         for layer in self._sliding_layers():
             length = layer.cumulative_length_int
-            if length >= layer.max_cache_len:
-                branches.append("full")
-            elif length + new_tokens > layer.max_cache_len:
-                branches.append(("fills", length))
-            else:
-                branches.append("room")
-        return new_tokens, _mask_shapes(masks), tuple(branches)
+            branch = sliding_window_update(length, new_tokens, layer.max_cache_len)
+            branches.append((branch, length) if branch == "fills" else branch)
+        return new_tokens, mask_shapes(masks), tuple(branches)
 
     def _capture_pass(self, inputs):
         """Captures an encoder pass into a graph reading static copies of its inputs. Capturing records the
         kernels without running them; the sliding layers' host counters it advances are set back."""
-        static = {name: _static_copy(value) for name, value in _tensors(inputs)}
+        static = {name: static_copy(value) for name, value in _tensors(inputs)}
         captured_inputs = {name: static.get(name, value) for name, value in inputs.items()}
         captured_inputs["attention_mask"] = {
             kind: static.get(f"attention_mask.{kind}", mask) for kind, mask in inputs["attention_mask"].items()
@@ -495,15 +495,22 @@ class DenoisingEngine:
         """The prompt's encoder pass; with `prefill_chunk_size`, a text prompt goes in chunks, each attending to the
         cache so far (the attention mask of one pass grows with the prompt squared). Prompts with images go whole:
         the image features belong to the first pass."""
-        chunk, length = self.settings.prefill_chunk_size, input_ids.shape[1]
-        if chunk is None or length <= chunk or prompt_kwargs:
+        chunks = self.prompt_chunks(input_ids.shape[1], prompt_kwargs)
+        if len(chunks) == 1:
             self._encode(input_ids, attention_mask, position_ids, is_prefill=True, prompt_kwargs=prompt_kwargs)
             return
-        cached = attention_mask.shape[1] - length
-        for start in range(0, length, chunk):
-            end = min(start + chunk, length)
+        cached = attention_mask.shape[1] - input_ids.shape[1]
+        for start, end in chunks:
             self._encode(input_ids[:, start:end], attention_mask[:, : cached + end], position_ids[:, start:end],
                          is_prefill=True)
+
+    def prompt_chunks(self, length: int, prompt_kwargs=None) -> list[tuple[int, int]]:
+        """(start, end) of the prompt's encoder passes: one, or chunks of `prefill_chunk_size` tokens for a text
+        prompt."""
+        chunk = self.settings.prefill_chunk_size
+        if chunk is None or length <= chunk or prompt_kwargs:
+            return [(0, length)]
+        return [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
 
     def run(self, generation_config, input_ids, attention_mask, past_key_values, decoder_input_ids, sc_logits,
             streamer, prompt_kwargs):
@@ -538,7 +545,7 @@ class DenoisingEngine:
         if self.use_graphs and not self._kernels_compiled:
             # A new engine's kernels, compiled in parallel threads now rather than one by one as the passes meet them.
             with _phase("compile_kernels"):
-                compile_kernels(self, initial_length)
+                compile_kernels(self, initial_length, prompt_kwargs)
             self._kernels_compiled = True
         self.finished_sequences.zero_()
         self.forward_passes.zero_()
@@ -573,7 +580,7 @@ class DenoisingEngine:
                     config=model.config, inputs_embeds=start.unsqueeze(-1), past_key_values=self.cache,
                     decoder_attention_mask=decoder_attention_mask,
                 )
-                self.mask_mapping = {kind: _one_row(mask) for kind, mask in masks.items()}
+                self.mask_mapping = {kind: one_row(mask) for kind, mask in masks.items()}
                 self._start_canvas(start, sc_logits if canvas_index == 0 else None, canvas_index)
             with _phase("denoise"):
                 if self.sampling == "fused":
@@ -619,39 +626,6 @@ def add_soft_embedding_chunk(soft, logits, inv_temperature, log_norm, weight, so
     logits = logits.float() if softcap is None else logit_softcap(logits, softcap)
     probs = torch.exp(logits * inv_temperature - log_norm[:, None])
     return soft + torch.mm(probs.to(weight.dtype), weight).float()
-
-
-def _mask_shapes(masks: dict) -> tuple:
-    """Per mask: its shape and whether one row serves every query (a graph reads such a mask's one row)."""
-    return tuple((kind, None if mask is None else (tuple(mask.shape), _query_broadcast(mask)))
-                 for kind, mask in sorted(masks.items()))
-
-
-def _one_row(mask):
-    """The decoder's mask is padding only (upstream builds it from `bidirectional_mask_function`), so every canvas
-    query has the same row: a 4D one becomes that row, stored once and expanded over the queries, which the
-    attention kernel reads as a vector a key tile instead of [queries, keys] tiles. Stored compactly (not a
-    view of the full mask) so the first, eager step and the captured one pass the kernel the same strides (a
-    new stride would compile a new kernel inside the capture). Other masks (None, 2D, a flex BlockMask) as
-    they are."""
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or mask.shape[2] == 1:
-        return mask
-    return mask[:, :, :1].contiguous().expand(mask.shape)
-
-
-def _query_broadcast(tensor: torch.Tensor) -> bool:
-    """A 4D mask expanded over its queries (the decoder's, see `_one_row`)."""
-    return tensor.ndim == 4 and tensor.shape[2] > 1 and tensor.stride(2) == 0
-
-
-def _stored_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """The part of a tensor that holds its values: one query row of a query-broadcast mask, else all of it."""
-    return tensor[:, :, :1] if _query_broadcast(tensor) else tensor
-
-
-def _static_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A buffer for a captured graph's input, as broadcast as the tensor (clone() would materialise every row)."""
-    return _stored_rows(tensor).clone().expand(tensor.shape)
 
 
 def _tensors(inputs: dict):
