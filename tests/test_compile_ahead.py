@@ -6,8 +6,11 @@ or equal to 1, and the constexpr values. The variants the call launched must all
 launched. The GPU test checks the same through Triton's own kernel caches.
 """
 
+import copy
+
 import pytest
 import torch
+from transformers import StaticCache
 
 from conftest import build_pair, left_padded_batch, variant_config
 from dgemma_hf.generation import compile_ahead
@@ -95,6 +98,26 @@ def test_warm_up_launches_every_variant_the_call_launches(tokenizer, launched, m
     # What a process has launched once it does not launch again (another engine of the same shapes, say).
     launched.clear()
     assert compile_ahead.compile_kernels(engine, input_ids.shape[1], workers=1) == 0 and not launched
+
+
+def test_warm_up_covers_a_call_continuing_a_users_static_cache(tokenizer, launched, monkeypatch):
+    """A StaticCache that already holds tokens: the simulated passes start from what its layers hold."""
+    model = _triton_model(tokenizer, "mha_no_k_eq_v")  # window 8: the second call fills the sliding layers
+    cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=64)
+    kwargs = dict(sampling="fused", seed=0, eos_token_id=None, max_denoising_steps=1)
+    model.generate(torch.randint(3, 100, (1, 6), device=DEVICE), past_key_values=cache, max_new_tokens=8, **kwargs)
+    before = copy.deepcopy(cache)
+    launched.clear()
+    more = torch.randint(3, 100, (1, 5), device=DEVICE)
+    model.generate(more, past_key_values=cache, max_new_tokens=16, **kwargs)
+    called = set(launched)
+
+    launched.clear()
+    monkeypatch.setattr(compile_ahead, "_WARMED", set())
+    engine = model._dgemma_engine
+    engine.cache = before  # as the second call found it
+    assert compile_ahead.compile_kernels(engine, more.shape[1], workers=1) > 0
+    assert called <= launched, f"not warmed: {sorted(map(str, called - launched))}"
 
 
 def test_encoder_passes_follow_the_static_cache(tokenizer):
