@@ -126,7 +126,7 @@ def _jobs(engine, prompt_length: int, prompt_kwargs=None) -> dict:
             if experts.config._experts_implementation not in _OUR_EXPERTS:
                 continue
             key = ("experts", type(experts), experts.config._experts_implementation, dtype, batch * tokens,
-                   text.hidden_size, text.top_k_experts)
+                   text.hidden_size, text.moe_intermediate_size, text.num_experts, text.top_k_experts)
             jobs.setdefault(key, functools.partial(
                 _experts, experts, batch * tokens, text.hidden_size, text.top_k_experts, dtype, device))
     if any(isinstance(layer, FusedDecoderLayer) for layer in decoder_layers):
