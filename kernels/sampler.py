@@ -71,8 +71,8 @@ def _softcap(logit, cap, two_log2e_over_cap):
     few instructions (libdevice's tanh made the sampler compute-bound, 1.5x slower at batch 8 on an H200), within
     about 2e-7 of tanh in absolute terms (6e-6 in the logits at cap 30, far below the bf16 LM head's rounding; near
     0 that is a large relative error, harmless to a softmax); +-inf give +-cap, NaN stays NaN. The program computes
-    2 log2(e) / cap once: a division per element would cost the loop one more special-function instruction (a
-    reciprocal) beside its five (exp2 twice, log2 twice, the reciprocal here)."""
+    2 log2(e) / cap once: dividing each element by the cap cost the loop a multiply per element more (ptxas had
+    hoisted the cap's reciprocal; 984 against 928 sm_90 instructions a block)."""
     return (1.0 - 2.0 / (tl.exp2(logit.to(tl.float32) * two_log2e_over_cap) + 1.0)) * cap
 
 

@@ -63,6 +63,8 @@ def compile_kernels(engine, prompt_length: int, prompt_kwargs=None, workers: int
         return 0
     jobs = {key: job for key, job in _jobs(engine, prompt_length, prompt_kwargs).items()
             if (device, key) not in _WARMED}
+    if not jobs:
+        return 0
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if device.type == "cuda" and hasattr(os, "sched_getaffinity") else 1
     workers = min(len(jobs), workers)

@@ -171,7 +171,6 @@ class DenoisingEngine:
         self.cache = None
         # Encoder passes run once, and captured (graph, static inputs, cache memory), by `_pass_key`.
         self._warm_passes, self._encoder_graphs = set(), {}
-        self._kernels_compiled = False
 
     # -- cache ------------------------------------------------------------------------------------------
 
@@ -542,11 +541,11 @@ class DenoisingEngine:
         initial_length = input_ids.shape[1]
         cur_len = initial_length + (past_key_values.get_seq_length() if past_key_values is not None else 0)
         self.cache = self.make_cache(past_key_values)
-        if self.use_graphs and not self._kernels_compiled:
-            # A new engine's kernels, compiled in parallel threads now rather than one by one as the passes meet them.
+        if self.use_graphs:
+            # Kernels this process has not launched yet, compiled in parallel threads now rather than one by one as
+            # the passes meet them (nothing to do once they all have been).
             with _phase("compile_kernels"):
                 compile_kernels(self, initial_length, prompt_kwargs)
-            self._kernels_compiled = True
         self.finished_sequences.zero_()
         self.forward_passes.zero_()
         eos = None
